@@ -1,0 +1,40 @@
+"""pytest-dpo: regression-test DPO checkpoints with TRL's own eval metrics.
+
+The public names are imported lazily, so importing the package (as pytest
+does when it loads the plugin) costs no torch or transformers import.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "evaluate": "pytest_dpo.evaluation",
+    "EvalResult": "pytest_dpo.results",
+    "PerExample": "pytest_dpo.results",
+    "DPOSettings": "pytest_dpo.settings",
+    "SettingsError": "pytest_dpo.settings",
+    "EvalSet": "pytest_dpo.evalset",
+    "EvalSetError": "pytest_dpo.evalset",
+    "load_eval_set": "pytest_dpo.evalset",
+    "Checkpoint": "pytest_dpo.models",
+    "CheckpointError": "pytest_dpo.models",
+    "discover_checkpoints": "pytest_dpo.models",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'pytest_dpo' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -1,0 +1,83 @@
+"""`python -m pytest_dpo evaluate ...`: evaluate checkpoints and print their metrics, without pytest."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import fields
+
+from .settings import DPOSettings, SettingsError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m pytest_dpo", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("evaluate", help="evaluate checkpoints and print TRL's DPO eval metrics")
+    run.add_argument("checkpoints", nargs="+", help="model or adapter folders, globs, or TRL output_dirs")
+    run.add_argument("--eval-set", required=True, help="preference eval set (.jsonl/.json/.parquet/.csv or save_to_disk folder)")
+    run.add_argument("--reference", help="reference model or adapter (default: adapter base / model card base_model)")
+    run.add_argument("--json", metavar="FILE", help="also write metrics and per-example arrays to FILE")
+    help_texts = DPOSettings.help_texts()
+    for field in fields(DPOSettings):
+        run.add_argument(f"--{field.name.replace('_', '-')}", dest=field.name, help=help_texts[field.name], default=None)
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> DPOSettings:
+    converters = {
+        "beta": float,
+        "label_smoothing": float,
+        "discopop_tau": float,
+        "batch_size": int,
+        "max_length": lambda text: None if text.lower() == "none" else int(text),
+        "loss_weights": lambda text: tuple(float(part) for part in text.split(",")),
+    }
+    values = {}
+    for field in fields(DPOSettings):
+        text = getattr(args, field.name)
+        if text is None:
+            continue
+        try:
+            values[field.name] = converters.get(field.name, str)(text)
+        except ValueError:
+            raise SettingsError(f"--{field.name.replace('_', '-')}: cannot read {text!r} as a value for {field.name}.") from None
+    return DPOSettings(**values)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from .evalset import EvalSetError, load_eval_set
+    from .evaluation import evaluate_with_settings
+    from .models import CheckpointError, discover_checkpoints
+    from .report import metrics_table
+
+    try:
+        settings = _settings(args)
+        eval_set = load_eval_set(args.eval_set)
+        checkpoints = [found for spec in args.checkpoints for found in discover_checkpoints(spec)]
+        print(f"eval set {eval_set.path}: {len(eval_set)} rows, {eval_set.format}, sha256 {eval_set.sha256[:12]}")
+        results = []
+        for checkpoint in checkpoints:
+            result = evaluate_with_settings(checkpoint, eval_set, args.reference, settings)
+            print(f"{checkpoint.name}: {checkpoint.path} vs {result.reference}", file=sys.stderr)
+            results.append(result)
+    except (SettingsError, EvalSetError, CheckpointError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"settings: {json.dumps(results[0].settings)}")
+    print(metrics_table(results))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as handle:
+            json.dump(
+                [{"checkpoint": r.checkpoint, "metrics": r.metrics, "per_example": r.per_example.to_dict(),
+                  "dropped_rows": r.dropped_rows, "eval_set_sha256": r.eval_set_sha256} for r in results],
+                handle,
+                indent=1,
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

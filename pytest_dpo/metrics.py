@@ -1,0 +1,183 @@
+"""DPO math on per-example tensors: rewards, margins, accuracies, losses, aggregates.
+
+Pure functions, no models or files. Formulas follow TRL 1.16
+`DPOTrainer._compute_loss`; the difference is where the averaging happens: TRL
+averages per batch and then averages the batch means, we average once over
+the whole eval set, so the numbers do not depend on batch size or order.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .results import PerExample, SequenceScores
+from .settings import DPOSettings
+
+METRIC_NAMES = (
+    "loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margins",
+    "rewards/accuracies",
+    "logps/chosen",
+    "logps/rejected",
+    "logits/chosen",
+    "logits/rejected",
+    "entropy",
+    "mean_token_accuracy",
+)
+
+
+def loss_per_example(
+    loss_type: str,
+    chosen_logratios: torch.Tensor,
+    rejected_logratios: torch.Tensor,
+    chosen_tokens: torch.Tensor,
+    rejected_tokens: torch.Tensor,
+    policy_chosen_logps: torch.Tensor,
+    chosen_scored_tokens: torch.Tensor,
+    *,
+    beta: float,
+    label_smoothing: float = 0.0,
+    discopop_tau: float = 0.05,
+) -> torch.Tensor:
+    """One TRL loss type, one value per example.
+
+    `chosen_tokens`/`rejected_tokens` are the completion lengths TRL's length
+    normalisation uses (ipo, sigmoid_norm). For `sft`, TRL's loss is the
+    token-weighted mean of the chosen completions' negative log-probs; each
+    example gets its token-weighted share, so the mean over examples is that
+    loss exactly.
+    """
+    delta = chosen_logratios - rejected_logratios
+    logits = beta * delta
+    chosen_rewards = beta * chosen_logratios
+    rejected_rewards = beta * rejected_logratios
+    if loss_type == "sigmoid":
+        return -F.logsigmoid(logits)
+    if loss_type == "hinge":
+        return torch.relu(1 - logits)
+    if loss_type in ("ipo", "sigmoid_norm"):
+        chosen_avg = chosen_logratios / chosen_tokens.clamp(min=1.0)
+        rejected_avg = rejected_logratios / rejected_tokens.clamp(min=1.0)
+        avg_delta = chosen_avg - rejected_avg
+        if loss_type == "ipo":
+            return (avg_delta - 1 / (2 * beta)) ** 2
+        return -F.logsigmoid(beta * avg_delta)
+    if loss_type == "exo_pair":
+        epsilon = torch.tensor(label_smoothing, dtype=delta.dtype)
+        qw, log_qw = torch.sigmoid(logits), F.logsigmoid(logits)
+        ql, log_ql = torch.sigmoid(-logits), F.logsigmoid(-logits)
+        return qw * (log_qw - torch.log1p(-epsilon)) + ql * (log_ql - torch.log(epsilon))
+    if loss_type == "nca_pair":
+        return -F.logsigmoid(chosen_rewards) - 0.5 * F.logsigmoid(-chosen_rewards) - 0.5 * F.logsigmoid(-rejected_rewards)
+    if loss_type == "robust":
+        clean = -(1 - label_smoothing) * F.logsigmoid(logits)
+        flipped = -label_smoothing * F.logsigmoid(-logits)
+        return (clean - flipped) / (1 - 2 * label_smoothing)
+    if loss_type == "bco_pair":
+        return -F.logsigmoid(chosen_rewards) - F.logsigmoid(-rejected_rewards)
+    if loss_type == "sppo_hard":
+        return (chosen_logratios - 0.5 / beta) ** 2 + (rejected_logratios + 0.5 / beta) ** 2
+    if loss_type == "apo_zero":
+        return (1 - torch.sigmoid(chosen_rewards)) + torch.sigmoid(rejected_rewards)
+    if loss_type == "apo_down":
+        return torch.sigmoid(chosen_rewards) + (1 - torch.sigmoid(beta * delta))
+    if loss_type == "discopop":
+        modulation = torch.sigmoid(logits / discopop_tau)
+        return -F.logsigmoid(logits) * (1 - modulation) + torch.exp(-logits) * modulation
+    if loss_type == "sft":
+        share = len(policy_chosen_logps) / chosen_scored_tokens.sum().clamp(min=1)
+        return -policy_chosen_logps * share
+    raise ValueError(f"Unknown loss type '{loss_type}'.")
+
+
+def combined_losses(
+    policy: SequenceScores,
+    reference_chosen_logps: torch.Tensor,
+    reference_rejected_logps: torch.Tensor,
+    settings: DPOSettings,
+) -> torch.Tensor:
+    """The weighted sum of `settings.loss_type`'s losses, one value per example."""
+    chosen_logratios = policy.chosen_logps - reference_chosen_logps
+    rejected_logratios = policy.rejected_logps - reference_rejected_logps
+    total = torch.zeros_like(chosen_logratios)
+    for loss_type, weight in zip(settings.loss_type, settings.weights, strict=True):
+        total = total + weight * loss_per_example(
+            loss_type,
+            chosen_logratios,
+            rejected_logratios,
+            policy.chosen_tokens.to(chosen_logratios.dtype),
+            policy.rejected_tokens.to(chosen_logratios.dtype),
+            policy.chosen_logps,
+            policy.chosen_scored_tokens.to(chosen_logratios.dtype),
+            beta=settings.beta,
+            label_smoothing=settings.label_smoothing,
+            discopop_tau=settings.discopop_tau,
+        )
+    return total
+
+
+def build_per_example(
+    rows: torch.Tensor, policy: SequenceScores, reference: SequenceScores, settings: DPOSettings
+) -> PerExample:
+    """Combine the policy's and the reference's scores into the per-example arrays."""
+    chosen_rewards = settings.beta * (policy.chosen_logps - reference.chosen_logps)
+    rejected_rewards = settings.beta * (policy.rejected_logps - reference.rejected_logps)
+    return PerExample(
+        rows=rows,
+        policy_chosen_logps=policy.chosen_logps,
+        policy_rejected_logps=policy.rejected_logps,
+        reference_chosen_logps=reference.chosen_logps,
+        reference_rejected_logps=reference.rejected_logps,
+        chosen_rewards=chosen_rewards,
+        rejected_rewards=rejected_rewards,
+        margins=chosen_rewards - rejected_rewards,
+        losses=combined_losses(policy, reference.chosen_logps, reference.rejected_logps, settings),
+        chosen_tokens=policy.chosen_tokens,
+        rejected_tokens=policy.rejected_tokens,
+        chosen_scored_tokens=policy.chosen_scored_tokens,
+        rejected_scored_tokens=policy.rejected_scored_tokens,
+        chosen_logits_sum=policy.chosen_logits_sum,
+        rejected_logits_sum=policy.rejected_logits_sum,
+        chosen_entropy_sum=policy.chosen_entropy_sum,
+        rejected_entropy_sum=policy.rejected_entropy_sum,
+        chosen_top1=policy.chosen_top1,
+    )
+
+
+def _mean(values: torch.Tensor) -> float:
+    return values.double().mean().item() if len(values) else math.nan
+
+
+def _ratio(numerator: torch.Tensor, denominator: torch.Tensor) -> float:
+    total = denominator.double().sum().item()
+    return numerator.double().sum().item() / total if total > 0 else 0.0
+
+
+def aggregate(per_example: PerExample) -> dict[str, float]:
+    """TRL's eval metrics (names without the `eval_` prefix), computed over all examples at once.
+
+    Example means for rewards, margins, accuracies, log-probs and the loss;
+    token-weighted means for the logits, the entropy (chosen and rejected
+    tokens) and the token accuracy (chosen tokens), as TRL weighs them.
+    """
+    p = per_example
+    return {
+        "loss": _mean(p.losses),
+        "rewards/chosen": _mean(p.chosen_rewards),
+        "rewards/rejected": _mean(p.rejected_rewards),
+        "rewards/margins": _mean(p.margins),
+        "rewards/accuracies": _mean((p.chosen_rewards > p.rejected_rewards).double()),
+        "logps/chosen": _mean(p.policy_chosen_logps),
+        "logps/rejected": _mean(p.policy_rejected_logps),
+        "logits/chosen": _ratio(p.chosen_logits_sum, p.chosen_scored_tokens),
+        "logits/rejected": _ratio(p.rejected_logits_sum, p.rejected_scored_tokens),
+        "entropy": _ratio(
+            p.chosen_entropy_sum + p.rejected_entropy_sum, p.chosen_scored_tokens + p.rejected_scored_tokens
+        ),
+        "mean_token_accuracy": _ratio(p.chosen_top1, p.chosen_scored_tokens),
+    }

@@ -1,0 +1,108 @@
+"""Result records: plain dataclasses, no I/O, no models."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class SequenceScores:
+    """What one model says about the completions of the scored rows, one entry per row.
+
+    `*_logps` are sums of completion-token log-probs, as TRL computes them.
+    `*_tokens` count the completion tokens in the (possibly truncated)
+    sequence; `*_scored_tokens` count those that have a preceding token and so
+    get a log-prob (they differ only when a completion starts the sequence).
+    The logit, entropy and top-1 sums feed TRL's token-weighted metrics.
+    """
+
+    chosen_logps: torch.Tensor
+    rejected_logps: torch.Tensor
+    chosen_tokens: torch.Tensor
+    rejected_tokens: torch.Tensor
+    chosen_scored_tokens: torch.Tensor
+    rejected_scored_tokens: torch.Tensor
+    chosen_logits_sum: torch.Tensor
+    rejected_logits_sum: torch.Tensor
+    chosen_entropy_sum: torch.Tensor
+    rejected_entropy_sum: torch.Tensor
+    chosen_top1: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.chosen_logps)
+
+
+@dataclass(frozen=True)
+class PerExample:
+    """Per-example arrays, one entry per scored row, in eval-set order.
+
+    `rows` holds each entry's row index in the eval set (rows TRL drops are
+    absent, see `EvalResult.dropped_rows`). These arrays are the source of
+    truth: every aggregate in `EvalResult.metrics` is computed from them.
+    """
+
+    rows: torch.Tensor
+    policy_chosen_logps: torch.Tensor
+    policy_rejected_logps: torch.Tensor
+    reference_chosen_logps: torch.Tensor
+    reference_rejected_logps: torch.Tensor
+    chosen_rewards: torch.Tensor
+    rejected_rewards: torch.Tensor
+    margins: torch.Tensor
+    losses: torch.Tensor
+    chosen_tokens: torch.Tensor
+    rejected_tokens: torch.Tensor
+    chosen_scored_tokens: torch.Tensor
+    rejected_scored_tokens: torch.Tensor
+    chosen_logits_sum: torch.Tensor
+    rejected_logits_sum: torch.Tensor
+    chosen_entropy_sum: torch.Tensor
+    rejected_entropy_sum: torch.Tensor
+    chosen_top1: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def to_dict(self) -> dict[str, list]:
+        """Every array as a plain list, keyed by field name."""
+        return {f.name: getattr(self, f.name).tolist() for f in fields(self)}
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """The evaluation of one checkpoint on one eval set.
+
+    Attributes:
+        checkpoint (`str`): the checkpoint's name, e.g. `checkpoint-500`.
+        checkpoint_path (`str`): where it was loaded from.
+        reference (`str`): what served as the reference model.
+        metrics (`dict[str, float]`): TRL's eval metrics without the `eval_` prefix
+            (`loss`, `rewards/chosen`, `rewards/rejected`, `rewards/margins`,
+            `rewards/accuracies`, `logps/chosen`, `logps/rejected`, `logits/chosen`,
+            `logits/rejected`, `entropy`, `mean_token_accuracy`), computed once
+            over the whole eval set.
+        per_example (`PerExample`): the arrays the metrics come from.
+        dropped_rows (`list[int]`): eval-set rows TRL drops because the prompt
+            alone fills `max_length`; never scored.
+        eval_set_sha256 (`str`): canonical content hash of the eval set.
+        settings (`dict`): the `DPOSettings` used, as plain values.
+        prompts (`list[str]`): a short text of each eval-set row's prompt, for messages.
+    """
+
+    checkpoint: str
+    checkpoint_path: str
+    reference: str
+    metrics: dict[str, float]
+    per_example: PerExample
+    dropped_rows: list[int]
+    eval_set_sha256: str
+    settings: dict[str, Any]
+    prompts: list[str] = field(default_factory=list, repr=False)
+
+    @property
+    def num_examples(self) -> int:
+        """How many rows were scored."""
+        return len(self.per_example)

@@ -1,0 +1,148 @@
+"""The evaluation settings: one dataclass, TRL's `DPOConfig` names and defaults.
+
+Every field carries its help text so the command line and (later) the pytest
+options are generated from the same source and can never disagree.
+Importing this module is cheap: no torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+PER_EXAMPLE_LOSS_TYPES = (
+    "sigmoid",
+    "hinge",
+    "ipo",
+    "exo_pair",
+    "nca_pair",
+    "robust",
+    "bco_pair",
+    "sppo_hard",
+    "apo_zero",
+    "apo_down",
+    "discopop",
+    "sigmoid_norm",
+    "sft",
+)
+# TRL sorts these over the batch, so a row's loss depends on the other rows of its batch.
+BATCH_DEPENDENT_LOSS_TYPES = ("aot", "aot_unpaired")
+TRUNCATION_MODES = ("keep_start", "keep_end")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class SettingsError(ValueError):
+    """A setting has a value that cannot be used; the message names the setting and the fix."""
+
+
+@dataclass(frozen=True)
+class DPOSettings:
+    """Everything that changes the numbers of a DPO evaluation.
+
+    Names and defaults follow TRL 1.16's `DPOConfig`, so a team copies its
+    training settings over unchanged.
+    """
+
+    beta: float = field(
+        default=0.1,
+        metadata={"help": "DPO beta: rewards are beta * (policy - reference) completion log-probs."},
+    )
+    loss_type: tuple[str, ...] = field(
+        default=("sigmoid",),
+        metadata={"help": "TRL loss type(s) for `loss`, e.g. sigmoid, ipo, hinge; several combine with loss_weights."},
+    )
+    loss_weights: tuple[float, ...] | None = field(
+        default=None,
+        metadata={"help": "Weights of the loss types when several are combined (default: 1.0 each)."},
+    )
+    label_smoothing: float = field(
+        default=0.0,
+        metadata={"help": "Label smoothing for the robust and exo_pair losses, in [0, 0.5)."},
+    )
+    discopop_tau: float = field(
+        default=0.05,
+        metadata={"help": "Temperature of the discopop loss."},
+    )
+    max_length: int | None = field(
+        default=1024,
+        metadata={"help": "Maximum tokens of prompt + completion; longer sequences are truncated (None: no limit)."},
+    )
+    truncation_mode: str = field(
+        default="keep_start",
+        metadata={"help": "keep_start (TRL default) or keep_end."},
+    )
+    batch_size: int = field(
+        default=8,
+        metadata={"help": "Preference rows per forward pass (each row is scored as a chosen and a rejected sequence)."},
+    )
+    device: str | None = field(
+        default=None,
+        metadata={"help": "torch device for the models (default: cuda if available, else cpu)."},
+    )
+    dtype: str | None = field(
+        default=None,
+        metadata={"help": "float32, bfloat16 or float16 (default: bfloat16 on CUDA devices that support it, else float32)."},
+    )
+
+    def __post_init__(self) -> None:
+        if isinstance(self.loss_type, str):
+            object.__setattr__(self, "loss_type", tuple(part.strip() for part in self.loss_type.split(",")))
+        else:
+            object.__setattr__(self, "loss_type", tuple(self.loss_type))
+        if self.loss_weights is not None:
+            object.__setattr__(self, "loss_weights", tuple(float(w) for w in self.loss_weights))
+        self._validate()
+
+    def _validate(self) -> None:
+        if not self.beta > 0:
+            raise SettingsError(f"beta must be > 0, got {self.beta}. Use the beta the checkpoint was trained with.")
+        if not self.loss_type:
+            raise SettingsError("loss_type is empty. Give at least one loss type, e.g. 'sigmoid'.")
+        for loss_type in self.loss_type:
+            if loss_type in BATCH_DEPENDENT_LOSS_TYPES:
+                raise SettingsError(
+                    f"loss_type '{loss_type}' is not supported: TRL sorts it across the rows of a batch, so a row's "
+                    "loss depends on which rows share its batch and has no per-example value. "
+                    "Evaluate with 'sigmoid' (or another per-example loss) instead."
+                )
+            if loss_type not in PER_EXAMPLE_LOSS_TYPES:
+                raise SettingsError(
+                    f"Unknown loss_type '{loss_type}'. Choose from: {', '.join(PER_EXAMPLE_LOSS_TYPES)}."
+                )
+        if self.loss_weights is not None and len(self.loss_weights) != len(self.loss_type):
+            raise SettingsError(
+                f"loss_weights has {len(self.loss_weights)} values for {len(self.loss_type)} loss types "
+                f"({', '.join(self.loss_type)}). Give one weight per loss type."
+            )
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise SettingsError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}.")
+        if "exo_pair" in self.loss_type and self.label_smoothing == 0.0:
+            raise SettingsError(
+                "loss_type 'exo_pair' needs label_smoothing > 0 (TRL refuses 0; the EXO paper recommends 1e-3)."
+            )
+        if not self.discopop_tau > 0:
+            raise SettingsError(f"discopop_tau must be > 0, got {self.discopop_tau}.")
+        if self.max_length is not None and self.max_length < 2:
+            raise SettingsError(f"max_length must be at least 2 tokens (or None), got {self.max_length}.")
+        if self.truncation_mode not in TRUNCATION_MODES:
+            raise SettingsError(
+                f"Unknown truncation_mode '{self.truncation_mode}'. Choose from: {', '.join(TRUNCATION_MODES)}."
+            )
+        if self.batch_size < 1:
+            raise SettingsError(f"batch_size must be at least 1, got {self.batch_size}.")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise SettingsError(f"Unknown dtype '{self.dtype}'. Choose from: {', '.join(DTYPES)}.")
+
+    @property
+    def weights(self) -> tuple[float, ...]:
+        """The loss weights, 1.0 for each loss type unless given."""
+        return self.loss_weights if self.loss_weights is not None else (1.0,) * len(self.loss_type)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as JSON-serialisable values (tuples become lists)."""
+        return {key: list(value) if isinstance(value, tuple) else value for key, value in asdict(self).items()}
+
+    @classmethod
+    def help_texts(cls) -> dict[str, str]:
+        """Help text of each setting, keyed by field name."""
+        return {f.name: f.metadata["help"] for f in fields(cls)}
