@@ -48,6 +48,9 @@ def _settings(args: argparse.Namespace) -> DPOSettings:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
     from .evalset import EvalSetError, load_eval_set
     from .evaluation import evaluate_with_settings
     from .models import CheckpointError, discover_checkpoints
@@ -61,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         results = []
         for checkpoint in checkpoints:
             result = evaluate_with_settings(checkpoint, eval_set, args.reference, settings)
-            print(f"{checkpoint.name}: {checkpoint.path} vs {result.reference}", file=sys.stderr)
+            print(f"{checkpoint.name}: {checkpoint.path} vs {result.reference}")
             results.append(result)
     except (SettingsError, EvalSetError, CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)

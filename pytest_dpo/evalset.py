@@ -182,6 +182,11 @@ def _read_json(path: Path) -> tuple[list[Any], list[str]]:
             f"{path}:{error.lineno}: not valid JSON ({error.msg} at column {error.colno}). "
             "A .json eval set is a list of row objects; for one object per line use .jsonl."
         ) from None
+    if isinstance(data, dict) and any(_is_message(item) for value in data.values() if isinstance(value, list) for item in value):
+        raise EvalSetError(
+            f"{path}: holds a single row object. A .json eval set is a list of rows: wrap it in [ ... ], "
+            "or use .jsonl with one row per line."
+        )
     if isinstance(data, dict) and data and all(isinstance(column, list) for column in data.values()):
         lengths = {len(column) for column in data.values()}
         if len(lengths) != 1:
@@ -197,7 +202,8 @@ def _read_json(path: Path) -> tuple[list[Any], list[str]]:
 
 def _read_csv(path: Path) -> tuple[list[Any], list[str]]:
     rows, locations = [], []
-    with path.open(encoding="utf-8", newline="") as handle:
+    # utf-8-sig: spreadsheet exports start with a byte-order mark that would otherwise rename the first column.
+    with path.open(encoding="utf-8-sig", newline="") as handle:
         reader = csv.DictReader(handle)
         for row in reader:
             rows.append({key: value for key, value in row.items() if key is not None})
@@ -215,7 +221,19 @@ def _parquet_table(path: Path) -> Any:
 
 
 def _read_arrow_rows(path: Path, table: Any) -> tuple[list[Any], list[str]]:
-    return table.to_pylist(), [f"{path} row {index}" for index in range(table.num_rows)]
+    rows = [{key: _drop_null_message_keys(value) for key, value in row.items()} for row in table.to_pylist()]
+    return rows, [f"{path} row {index}" for index in range(table.num_rows)]
+
+
+def _is_message(value: Any) -> bool:
+    return isinstance(value, dict) and "role" in value
+
+
+def _drop_null_message_keys(value: Any) -> Any:
+    """Arrow gives every message every key any message has, filling the missing ones with None; undo that."""
+    if isinstance(value, list) and all(_is_message(item) for item in value):
+        return [{key: item_value for key, item_value in item.items() if item_value is not None} for item in value]
+    return value
 
 
 def _read_saved_dataset(path: Path) -> tuple[list[Any], list[str]]:

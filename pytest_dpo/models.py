@@ -107,10 +107,10 @@ def discover_checkpoints(spec: str | Path) -> list[Checkpoint]:
         if child.is_dir() and (match := CHECKPOINT_DIR.match(child.name))
     )
     if not steps:
-        return [_checkpoint(path, step=None)]
-    found = [_checkpoint(child, step=step) for step, child in steps]
+        return [_checkpoint(path)]
+    found = [_checkpoint(child) for _, child in steps]
     if _has_weights(path):
-        final = _checkpoint(path, step=None)
+        final = _checkpoint(path)
         if fingerprint(final.path) != fingerprint(found[-1].path):
             found.append(final)
     return found
@@ -130,7 +130,9 @@ def _has_weights(path: Path) -> bool:
     return any((path / name).exists() for name in MODEL_WEIGHTS) or (path / ADAPTER_WEIGHTS).exists()
 
 
-def _checkpoint(path: Path, step: int | None) -> Checkpoint:
+def _checkpoint(path: Path) -> Checkpoint:
+    match = CHECKPOINT_DIR.match(path.name)
+    step = int(match.group(1)) if match else None
     if (path / ADAPTER_CONFIG).exists():
         if not (path / ADAPTER_WEIGHTS).exists():
             _refuse_missing_weights(path, ADAPTER_WEIGHTS)

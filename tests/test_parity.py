@@ -90,6 +90,16 @@ def test_lora_checkpoint_matches_trl_with_base_reference(tmp_path: Path, eval_fi
     assert ours.metrics["rewards/margins"] != 0.0
 
 
+def test_lora_checkpoint_that_continued_an_adapter_matches_trl_with_that_adapter_as_reference(tmp_path: Path) -> None:
+    checkpoint, earlier = LORA_RUN / "checkpoint-6", LORA_RUN / "checkpoint-2"
+    rows = load_eval_set(EVAL_STANDARD).rows
+    trl = trl_evaluate(
+        checkpoint, earlier, rows, tmp_path, adapter_base=BASE, reference_is_adapter=True, tokenizer_path=BASE
+    )
+    ours = evaluate(checkpoint, EVAL_STANDARD, reference=earlier, device="cpu")
+    assert_same_numbers(ours, trl)
+
+
 @pytest.mark.parametrize("loss_type", PER_EXAMPLE_LOSS_TYPES)
 def test_every_loss_type_matches_trl(tmp_path: Path, loss_type: str) -> None:
     checkpoint = FULL_RUN / "checkpoint-6"

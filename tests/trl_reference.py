@@ -45,13 +45,17 @@ def trl_evaluate(
     output_dir: Path,
     *,
     adapter_base: str | Path | None = None,
+    reference_is_adapter: bool = False,
     tokenizer_path: str | Path | None = None,
     **dpo_settings: Any,
 ) -> TrlReference:
     """TRL's metrics and per-example log-probs for `policy` against `reference` on `rows`.
 
     `policy` is a model folder, or an adapter folder on `adapter_base`. The
-    reference is always passed explicitly, as the parity tests require.
+    reference is always passed explicitly, as the parity tests require: a
+    model folder, or (`reference_is_adapter`) an adapter folder on
+    `adapter_base`, merged into its base because TRL's fused LM head patches
+    plain causal LMs only.
     """
     from datasets import Dataset
     from peft import PeftModel
@@ -62,7 +66,10 @@ def trl_evaluate(
         model = _causal_lm(policy)
     else:
         model = PeftModel.from_pretrained(_causal_lm(adapter_base), str(policy))
-    ref_model = _causal_lm(reference)
+    if reference_is_adapter:
+        ref_model = PeftModel.from_pretrained(_causal_lm(adapter_base), str(reference)).merge_and_unload()
+    else:
+        ref_model = _causal_lm(reference)
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_path or policy))
     # The index column travels through TRL's data path and tells which rows it kept.
     dataset = Dataset.from_list([{**row, "row_index": index} for index, row in enumerate(rows)])
