@@ -23,6 +23,15 @@ _EXPORTS = {
     "Checkpoint": "pytest_dpo.models",
     "CheckpointError": "pytest_dpo.models",
     "discover_checkpoints": "pytest_dpo.models",
+    "assert_margin_positive": "pytest_dpo.assertions",
+    "assert_accuracy_above": "pytest_dpo.assertions",
+    "assert_loss_below": "pytest_dpo.assertions",
+    "assert_chosen_reward_above": "pytest_dpo.assertions",
+    "assert_rejected_reward_below": "pytest_dpo.assertions",
+    "assert_metrics_finite": "pytest_dpo.assertions",
+    "Verdicts": "pytest_dpo.verdicts",
+    "CheckpointVerdict": "pytest_dpo.verdicts",
+    "Gate": "pytest_dpo.gates",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -26,24 +26,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _settings(args: argparse.Namespace) -> DPOSettings:
-    converters = {
-        "beta": float,
-        "label_smoothing": float,
-        "discopop_tau": float,
-        "batch_size": int,
-        "max_length": lambda text: None if text.lower() == "none" else int(text),
-        "loss_weights": lambda text: tuple(float(part) for part in text.split(",")),
-    }
-    values = {}
-    for field in fields(DPOSettings):
-        text = getattr(args, field.name)
-        if text is None:
-            continue
-        try:
-            values[field.name] = converters.get(field.name, str)(text)
-        except ValueError:
-            raise SettingsError(f"--{field.name.replace('_', '-')}: cannot read {text!r} as a value for {field.name}.") from None
-    return DPOSettings(**values)
+    values = {field.name: getattr(args, field.name) for field in fields(DPOSettings)}
+    try:
+        return DPOSettings.from_text({name: text for name, text in values.items() if text is not None})
+    except SettingsError as error:
+        raise SettingsError(error.field, f"--{error.field.replace('_', '-')}: {error}") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -16,19 +16,6 @@ import torch.nn.functional as F
 from .results import PerExample, SequenceScores
 from .settings import DPOSettings
 
-METRIC_NAMES = (
-    "loss",
-    "rewards/chosen",
-    "rewards/rejected",
-    "rewards/margins",
-    "rewards/accuracies",
-    "logps/chosen",
-    "logps/rejected",
-    "logits/chosen",
-    "logits/rejected",
-    "entropy",
-    "mean_token_accuracy",
-)
 
 
 def loss_per_example(

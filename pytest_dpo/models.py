@@ -253,13 +253,39 @@ def fingerprint(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def choose_device(device: str | None) -> str:
-    """`device` if given, else `cuda` when available, else `cpu`."""
+def choose_device(device: str | None, worker_index: int | None = None) -> str:
+    """`device` if given, else `cuda` when available, else `cpu`.
+
+    With several GPUs, pytest-xdist worker `gwN` gets GPU `N mod count`, so
+    each worker uses its own.
+    """
     import torch
 
     if device is not None:
         return device
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if not torch.cuda.is_available():
+        return "cpu"
+    if worker_index is not None and torch.cuda.device_count() > 1:
+        return f"cuda:{worker_index % torch.cuda.device_count()}"
+    return "cuda"
+
+
+def checkpoint_ids(checkpoints: list[Checkpoint]) -> list[str]:
+    """Short unique names: the folder name, with as many parent folders as it takes to tell them apart.
+
+    `checkpoint-500` alone; `run-a/checkpoint-500` and `run-b/checkpoint-500`
+    when two runs each have one.
+    """
+    parts = [checkpoint.path.resolve().parts for checkpoint in checkpoints]
+    ids = []
+    for index, own in enumerate(parts):
+        others = [other for position, other in enumerate(parts) if position != index]
+        for depth in range(1, len(own) + 1):
+            candidate = own[-depth:]
+            if all(other[-depth:] != candidate for other in others):
+                break
+        ids.append("/".join(candidate))
+    return ids
 
 
 def choose_dtype(dtype: str | None, device: str) -> torch.dtype:

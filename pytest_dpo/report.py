@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
-from .metrics import METRIC_NAMES
-from .results import EvalResult
+from .metrics_names import METRIC_NAMES
+
+if TYPE_CHECKING:
+    from .results import EvalResult
+    from .verdicts import Verdicts
 
 TABLE_WIDTH = 80
 _NAME_WIDTH = 20
@@ -45,3 +49,38 @@ def _cell(text: str) -> str:
 def _examples(result: EvalResult) -> str:
     dropped = len(result.dropped_rows)
     return f"{result.num_examples}" + (f" (-{dropped})" if dropped else "")
+
+
+_SUMMARY_METRICS = (
+    ("loss", "loss"),
+    ("margins", "rewards/margins"),
+    ("accuracy", "rewards/accuracies"),
+    ("chosen", "rewards/chosen"),
+    ("rejected", "rewards/rejected"),
+)
+_ID_WIDTH = 22
+_NUMBER_WIDTH = 9
+
+
+def verdict_table(checkpoint_ids: Sequence[str], results: Mapping[str, EvalResult], verdicts: Verdicts) -> str:
+    """One row per checkpoint: main metrics and verdict, then why each held-back checkpoint failed; fits 80 columns."""
+    header = "checkpoint".ljust(_ID_WIDTH) + "".join(label.rjust(_NUMBER_WIDTH) for label, _ in _SUMMARY_METRICS)
+    lines = [header + "  verdict"]
+    details = []
+    for checkpoint_id in checkpoint_ids:
+        verdict = verdicts[checkpoint_id]
+        result = results.get(checkpoint_id)
+        numbers = "".join(
+            (_short(result.metrics[metric]) if result else "-").rjust(_NUMBER_WIDTH) for _, metric in _SUMMARY_METRICS
+        )
+        name = checkpoint_id if len(checkpoint_id) < _ID_WIDTH else "…" + checkpoint_id[-(_ID_WIDTH - 2) :]
+        lines.append(f"{name.ljust(_ID_WIDTH)}{numbers}  {'PASSED' if verdict.passed else 'FAILED'}")
+        if not verdict.passed:
+            details.append(f"{checkpoint_id}: {verdict.summary}")
+            details.extend(f"  {kind}: {nodeid}" for kind in ("failed", "error") for nodeid in verdict.tests(kind))
+            details.extend(f"  not run: {nodeid}" for nodeid in verdict.not_run)
+    return "\n".join(lines + details)
+
+
+def _short(value: float) -> str:
+    return f"{value:.4f}" if math.isfinite(value) and abs(value) < 1e4 else f"{value:.2g}"

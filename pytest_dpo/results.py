@@ -70,6 +70,26 @@ class PerExample:
         """Every array as a plain list, keyed by field name."""
         return {f.name: getattr(self, f.name).tolist() for f in fields(self)}
 
+    @classmethod
+    def from_dict(cls, data: dict[str, list]) -> PerExample:
+        """The inverse of `to_dict`: integer fields come back as int64, the others as float32."""
+        return cls(
+            **{
+                f.name: torch.tensor(data[f.name], dtype=torch.int64 if f.name in _INTEGER_FIELDS else torch.float32)
+                for f in fields(cls)
+            }
+        )
+
+
+_INTEGER_FIELDS = {
+    "rows",
+    "chosen_tokens",
+    "rejected_tokens",
+    "chosen_scored_tokens",
+    "rejected_scored_tokens",
+    "chosen_top1",
+}
+
 
 @dataclass(frozen=True)
 class EvalResult:
@@ -106,3 +126,14 @@ class EvalResult:
     def num_examples(self) -> int:
         """How many rows were scored."""
         return len(self.per_example)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-serialisable values (how results travel from pytest-xdist workers)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "per_example"} | {
+            "per_example": self.per_example.to_dict()
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EvalResult:
+        """The inverse of `to_dict`."""
+        return cls(**{**data, "per_example": PerExample.from_dict(data["per_example"])})

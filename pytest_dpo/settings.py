@@ -32,7 +32,41 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 
 class SettingsError(ValueError):
-    """A setting has a value that cannot be used; the message names the setting and the fix."""
+    """A setting has a value that cannot be used; the message names the setting and the fix.
+
+    `field` is the name of the setting at fault, so a front end can name its
+    own spelling of it (`--dpo-beta`, `dpo_beta`).
+    """
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+def _optional_int(text: str) -> int | None:
+    return None if text.strip().lower() in ("none", "null", "") else int(text)
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(part) for part in text.split(","))
+
+
+def _optional_str(text: str) -> str | None:
+    return None if text.strip().lower() in ("", "auto", "none") else text.strip()
+
+
+_FROM_TEXT = {
+    "beta": float,
+    "loss_type": str,
+    "loss_weights": _floats,
+    "label_smoothing": float,
+    "discopop_tau": float,
+    "max_length": _optional_int,
+    "truncation_mode": str,
+    "batch_size": int,
+    "device": _optional_str,
+    "dtype": _optional_str,
+}
 
 
 @dataclass(frozen=True)
@@ -95,43 +129,48 @@ class DPOSettings:
 
     def _validate(self) -> None:
         if not self.beta > 0:
-            raise SettingsError(f"beta must be > 0, got {self.beta}. Use the beta the checkpoint was trained with.")
+            raise SettingsError("beta", f"beta must be > 0, got {self.beta}. Use the beta the checkpoint was trained with.")
         if not self.loss_type:
-            raise SettingsError("loss_type is empty. Give at least one loss type, e.g. 'sigmoid'.")
+            raise SettingsError("loss_type", "loss_type is empty. Give at least one loss type, e.g. 'sigmoid'.")
         for loss_type in self.loss_type:
             if loss_type in BATCH_DEPENDENT_LOSS_TYPES:
                 raise SettingsError(
+                    "loss_type",
                     f"loss_type '{loss_type}' is not supported: TRL sorts it across the rows of a batch, so a row's "
                     "loss depends on which rows share its batch and has no per-example value. "
                     "Evaluate with 'sigmoid' (or another per-example loss) instead."
                 )
             if loss_type not in PER_EXAMPLE_LOSS_TYPES:
                 raise SettingsError(
+                    "loss_type",
                     f"Unknown loss_type '{loss_type}'. Choose from: {', '.join(PER_EXAMPLE_LOSS_TYPES)}."
                 )
         if self.loss_weights is not None and len(self.loss_weights) != len(self.loss_type):
             raise SettingsError(
+                "loss_weights",
                 f"loss_weights has {len(self.loss_weights)} values for {len(self.loss_type)} loss types "
                 f"({', '.join(self.loss_type)}). Give one weight per loss type."
             )
         if not 0.0 <= self.label_smoothing < 0.5:
-            raise SettingsError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}.")
+            raise SettingsError("label_smoothing", f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}.")
         if "exo_pair" in self.loss_type and self.label_smoothing == 0.0:
             raise SettingsError(
+                "label_smoothing",
                 "loss_type 'exo_pair' needs label_smoothing > 0 (TRL refuses 0; the EXO paper recommends 1e-3)."
             )
         if not self.discopop_tau > 0:
-            raise SettingsError(f"discopop_tau must be > 0, got {self.discopop_tau}.")
+            raise SettingsError("discopop_tau", f"discopop_tau must be > 0, got {self.discopop_tau}.")
         if self.max_length is not None and self.max_length < 2:
-            raise SettingsError(f"max_length must be at least 2 tokens (or None), got {self.max_length}.")
+            raise SettingsError("max_length", f"max_length must be at least 2 tokens (or None), got {self.max_length}.")
         if self.truncation_mode not in TRUNCATION_MODES:
             raise SettingsError(
+                "truncation_mode",
                 f"Unknown truncation_mode '{self.truncation_mode}'. Choose from: {', '.join(TRUNCATION_MODES)}."
             )
         if self.batch_size < 1:
-            raise SettingsError(f"batch_size must be at least 1, got {self.batch_size}.")
+            raise SettingsError("batch_size", f"batch_size must be at least 1, got {self.batch_size}.")
         if self.dtype is not None and self.dtype not in DTYPES:
-            raise SettingsError(f"Unknown dtype '{self.dtype}'. Choose from: {', '.join(DTYPES)}.")
+            raise SettingsError("dtype", f"Unknown dtype '{self.dtype}'. Choose from: {', '.join(DTYPES)}.")
 
     @property
     def weights(self) -> tuple[float, ...]:
@@ -141,6 +180,21 @@ class DPOSettings:
     def to_dict(self) -> dict[str, Any]:
         """The settings as JSON-serialisable values (tuples become lists)."""
         return {key: list(value) if isinstance(value, tuple) else value for key, value in asdict(self).items()}
+
+    @classmethod
+    def from_text(cls, values: dict[str, str]) -> DPOSettings:
+        """Settings from text values (command line, ini file), keyed by field name; absent fields keep defaults.
+
+        Raises:
+            SettingsError: a value cannot be read or is out of range; `.field` names it.
+        """
+        parsed: dict[str, Any] = {}
+        for name, text in values.items():
+            try:
+                parsed[name] = _FROM_TEXT[name](text)
+            except ValueError:
+                raise SettingsError(name, f"cannot read {text!r} as a value for {name}.") from None
+        return cls(**parsed)
 
     @classmethod
     def help_texts(cls) -> dict[str, str]:

@@ -18,6 +18,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from pytest_dpo import metrics
+from pytest_dpo.metrics_names import METRIC_NAMES
 from pytest_dpo.results import PerExample, SequenceScores
 from pytest_dpo.settings import PER_EXAMPLE_LOSS_TYPES, DPOSettings, SettingsError
 
@@ -440,7 +441,7 @@ def _trl_eval(batch: dict[str, torch.Tensor], config: DPOSettings) -> tuple[floa
         key: batch[key] for key in ("input_ids", "attention_mask", "completion_mask", "ref_chosen_logps", "ref_rejected_logps")
     }
     loss = DPOTrainer._compute_loss(trainer, model, inputs, return_outputs=False)
-    logged = {name: values[-1] for name, values in trainer._metrics["eval"].items() if name in metrics.METRIC_NAMES}
+    logged = {name: values[-1] for name, values in trainer._metrics["eval"].items() if name in METRIC_NAMES}
     return float(loss), logged
 
 
@@ -489,7 +490,7 @@ def test_single_batch_metrics_equal_trl_compute_loss(config: DPOSettings) -> Non
     trl_loss, trl_metrics = _trl_eval(batch, config)
     policy, reference = _scores_from_batch(batch)
     ours = metrics.aggregate(metrics.build_per_example(torch.arange(len(policy)), policy, reference, config))
-    assert set(trl_metrics) == set(metrics.METRIC_NAMES) - {"loss"}
+    assert set(trl_metrics) == set(METRIC_NAMES) - {"loss"}
     assert math.isclose(ours["loss"], trl_loss, rel_tol=1e-5, abs_tol=1e-6), (ours["loss"], trl_loss)
     for name, value in trl_metrics.items():
         assert math.isclose(ours[name], value, rel_tol=1e-5, abs_tol=1e-6), f"{name}: ours {ours[name]}, TRL {value}"
@@ -549,7 +550,7 @@ def test_aggregate_means_and_token_weighted_ratios(
     policy_rows, reference_rows = pair
     per_example = build(policy_rows, reference_rows, config)
     aggregated = metrics.aggregate(per_example)
-    assert set(aggregated) == set(metrics.METRIC_NAMES)
+    assert set(aggregated) == set(METRIC_NAMES)
     n = len(policy_rows)
 
     def mean(values: list[float]) -> float:
@@ -614,7 +615,7 @@ def test_metrics_invariant_to_row_order(
     for name in ("chosen_rewards", "rejected_rewards", "margins", "losses"):
         torch.testing.assert_close(getattr(shuffled, name), getattr(base, name)[index], rtol=1e-6, atol=1e-6, equal_nan=True)
     base_metrics, shuffled_metrics = metrics.aggregate(base), metrics.aggregate(shuffled)
-    for name in metrics.METRIC_NAMES:
+    for name in METRIC_NAMES:
         assert_close(shuffled_metrics[name], base_metrics[name], 1e-6, 1e-6, name)
 
 
@@ -649,7 +650,7 @@ def test_metrics_do_not_depend_on_batch_partition(
     part_metrics = [
         metrics.aggregate(build(permuted(policy_rows, part), permuted(reference_rows, part), config)) for part in parts
     ]
-    for name in metrics.METRIC_NAMES:
+    for name in METRIC_NAMES:
         total = sum(weights[name])
         if total == 0:  # e.g. no scored token anywhere: TRL's 0.0
             assert whole[name] == 0.0, name

@@ -16,7 +16,7 @@ import torch
 
 from pytest_dpo import evaluate, load_eval_set
 from pytest_dpo.evalset import tokenize_eval_set
-from pytest_dpo.metrics import METRIC_NAMES
+from pytest_dpo.metrics_names import METRIC_NAMES
 from pytest_dpo.results import EvalResult
 from pytest_dpo.settings import PER_EXAMPLE_LOSS_TYPES
 

@@ -1,0 +1,319 @@
+"""Assertion helpers for a team's pytest tests on an `EvalResult`, e.g. the `dpo_result` fixture.
+
+A failing helper raises a plain `AssertionError` that reads well in an 80-column
+terminal: the metric, its value against the threshold, how many rows were scored,
+and the examples that pulled the metric the wrong way, so the failure says which
+rows to read. Each helper hides its own frames from pytest's traceback, which
+points at the test's line instead. No models are loaded here.
+"""
+
+from __future__ import annotations
+
+import math
+import textwrap
+from collections.abc import Callable
+from dataclasses import fields
+from typing import NamedTuple
+
+import torch
+
+from .results import EvalResult, PerExample
+
+__all__ = [
+    "assert_accuracy_above",
+    "assert_chosen_reward_above",
+    "assert_loss_below",
+    "assert_margin_positive",
+    "assert_metrics_finite",
+    "assert_rejected_reward_below",
+]
+
+_WIDTH = 80
+_WORST_COUNT = 3
+_SNIPPET_CHARS = 50
+_MAX_LISTED_ROWS = 10
+_NUMBER_WIDTH = 7
+
+
+class _Ranking(NamedTuple):
+    """Which per-example array orders the examples, and which end of it is the worst."""
+
+    field: str
+    label: str
+    description: str
+    worst_is_highest: bool
+
+
+_BY_MARGIN = _Ranking("margins", "margin", "margin", worst_is_highest=False)
+_BY_LOSS = _Ranking("losses", "loss", "loss", worst_is_highest=True)
+_BY_CHOSEN = _Ranking("chosen_rewards", "chosen", "chosen reward", worst_is_highest=False)
+_BY_REJECTED = _Ranking("rejected_rewards", "rejected", "rejected reward", worst_is_highest=True)
+_ROW_COLUMNS = (_BY_MARGIN, _BY_CHOSEN, _BY_REJECTED)
+
+
+def assert_margin_positive(result: EvalResult, *, at_least: float = 0.0) -> None:
+    """Assert that the mean reward margin `rewards/margins` is above `at_least`.
+
+    Args:
+        result (`EvalResult`):
+            The evaluation of one checkpoint, e.g. the `dpo_result` fixture.
+        at_least (`float`, *optional*, defaults to `0.0`):
+            The margin must be strictly greater than this.
+
+    Raises:
+        `AssertionError`: if the margin is not above `at_least` or is NaN; the message
+            lists the 3 examples with the lowest margin.
+
+    Example:
+
+    ```py
+    >>> def test_policy_prefers_chosen(dpo_result):
+    ...     assert_margin_positive(dpo_result, at_least=0.1)
+    ```
+    """
+    __tracebackhide__ = True
+    _assert_metric(result, "rewards/margins", at_least, above=True, ranking=_BY_MARGIN)
+
+
+def assert_accuracy_above(result: EvalResult, threshold: float) -> None:
+    """Assert that the reward accuracy `rewards/accuracies` is strictly above `threshold`.
+
+    Args:
+        result (`EvalResult`):
+            The evaluation of one checkpoint, e.g. the `dpo_result` fixture.
+        threshold (`float`):
+            The share of examples whose chosen reward beats the rejected one must be
+            strictly greater than this.
+
+    Raises:
+        `AssertionError`: if the accuracy is not above `threshold` or is NaN; the message
+            lists the 3 examples with the lowest margin.
+
+    Example:
+
+    ```py
+    >>> def test_ranks_most_pairs_right(dpo_result):
+    ...     assert_accuracy_above(dpo_result, 0.6)
+    ```
+    """
+    __tracebackhide__ = True
+    _assert_metric(result, "rewards/accuracies", threshold, above=True, ranking=_BY_MARGIN)
+
+
+def assert_loss_below(result: EvalResult, threshold: float) -> None:
+    """Assert that the eval `loss` is strictly below `threshold`.
+
+    Args:
+        result (`EvalResult`):
+            The evaluation of one checkpoint, e.g. the `dpo_result` fixture.
+        threshold (`float`):
+            The loss must be strictly less than this.
+
+    Raises:
+        `AssertionError`: if the loss is not below `threshold` or is NaN; the message
+            lists the 3 examples with the highest loss.
+
+    Example:
+
+    ```py
+    >>> def test_loss_did_not_regress(dpo_result):
+    ...     assert_loss_below(dpo_result, 0.65)
+    ```
+    """
+    __tracebackhide__ = True
+    _assert_metric(result, "loss", threshold, above=False, ranking=_BY_LOSS)
+
+
+def assert_chosen_reward_above(result: EvalResult, threshold: float) -> None:
+    """Assert that the mean chosen reward `rewards/chosen` is strictly above `threshold`.
+
+    Args:
+        result (`EvalResult`):
+            The evaluation of one checkpoint, e.g. the `dpo_result` fixture.
+        threshold (`float`):
+            The chosen reward must be strictly greater than this.
+
+    Raises:
+        `AssertionError`: if the chosen reward is not above `threshold` or is NaN; the
+            message lists the 3 examples with the lowest chosen reward.
+
+    Example:
+
+    ```py
+    >>> def test_chosen_answers_did_not_lose_probability(dpo_result):
+    ...     assert_chosen_reward_above(dpo_result, 0.0)
+    ```
+    """
+    __tracebackhide__ = True
+    _assert_metric(result, "rewards/chosen", threshold, above=True, ranking=_BY_CHOSEN)
+
+
+def assert_rejected_reward_below(result: EvalResult, threshold: float) -> None:
+    """Assert that the mean rejected reward `rewards/rejected` is strictly below `threshold`.
+
+    Args:
+        result (`EvalResult`):
+            The evaluation of one checkpoint, e.g. the `dpo_result` fixture.
+        threshold (`float`):
+            The rejected reward must be strictly less than this.
+
+    Raises:
+        `AssertionError`: if the rejected reward is not below `threshold` or is NaN; the
+            message lists the 3 examples with the highest rejected reward.
+
+    Example:
+
+    ```py
+    >>> def test_rejected_answers_lost_probability(dpo_result):
+    ...     assert_rejected_reward_below(dpo_result, 0.0)
+    ```
+    """
+    __tracebackhide__ = True
+    _assert_metric(result, "rewards/rejected", threshold, above=False, ranking=_BY_REJECTED)
+
+
+def assert_metrics_finite(result: EvalResult) -> None:
+    """Assert that every metric and every floating-point per-example value is finite.
+
+    The per-example arrays checked are all float arrays of `result.per_example`: the
+    policy and reference log-probs, the rewards, margins and losses, and the logit and
+    entropy sums.
+
+    Args:
+        result (`EvalResult`):
+            The evaluation of one checkpoint, e.g. the `dpo_result` fixture.
+
+    Raises:
+        `AssertionError`: if any value is NaN or infinite; the message lists the
+            non-finite metrics and the rows holding non-finite values.
+
+    Example:
+
+    ```py
+    >>> def test_no_nan_or_inf(dpo_result):
+    ...     assert_metrics_finite(dpo_result)
+    ```
+    """
+    __tracebackhide__ = True
+    bad_metrics = {name: value for name, value in result.metrics.items() if not math.isfinite(value)}
+    arrays = _float_arrays(result.per_example)
+    bad_mask = torch.zeros(len(result.per_example), dtype=torch.bool)
+    for values in arrays.values():
+        bad_mask |= ~torch.isfinite(values)
+    bad_positions = bad_mask.nonzero().flatten().tolist()
+    if not bad_metrics and not bad_positions:
+        return
+
+    def non_finite_values(position: int) -> str:
+        return ", ".join(
+            f"{name}={_number(values[position].item())}"
+            for name, values in arrays.items()
+            if not math.isfinite(values[position].item())
+        )
+
+    counted = [_count(n, noun) for n, noun in ((len(bad_metrics), "metric"), (len(bad_positions), "row")) if n]
+    verb = "is" if len(bad_metrics) + len(bad_positions) == 1 else "are"
+    lines = [f"{result.checkpoint}: {' and '.join(counted)} {verb} not finite ({_scored(result)})"]
+    if bad_metrics:
+        listed = ", ".join(f"{name} = {_number(value)}" for name, value in bad_metrics.items())
+        lines += textwrap.wrap(listed, _WIDTH, initial_indent="metrics: ", subsequent_indent="  ")
+    if bad_positions:
+        lines.append("rows:")
+        lines += _example_lines(result, bad_positions[:_MAX_LISTED_ROWS], non_finite_values)
+        if len(bad_positions) > _MAX_LISTED_ROWS:
+            lines.append(f"  … and {_count(len(bad_positions) - _MAX_LISTED_ROWS, 'more row')}")
+    raise AssertionError("\n".join(lines))
+
+
+def _assert_metric(result: EvalResult, metric: str, threshold: float, *, above: bool, ranking: _Ranking) -> None:
+    __tracebackhide__ = True
+    value = _metric_value(result, metric)
+    if (value > threshold) if above else (value < threshold):
+        return
+    relation = "above" if above else "below"
+    if math.isnan(value):
+        claim = f"{metric} is NaN, not {relation} {_number(threshold)}"
+    else:
+        shown_value, shown_threshold = _distinct_numbers(value, threshold)
+        claim = f"{metric} = {shown_value} is not {relation} {shown_threshold}"
+    lines = [f"{result.checkpoint}: {claim} ({_scored(result)})", *_worst_lines(result, ranking)]
+    raise AssertionError("\n".join(lines))
+
+
+def _metric_value(result: EvalResult, metric: str) -> float:
+    try:
+        return float(result.metrics[metric])
+    except KeyError:
+        raise KeyError(
+            f"{result.checkpoint} has no metric '{metric}' (it has: {', '.join(result.metrics)}). "
+            "Build the result with `pytest_dpo.evaluate` so it carries all of TRL's metrics."
+        ) from None
+
+
+def _worst_lines(result: EvalResult, ranking: _Ranking) -> list[str]:
+    """The heading and lines of the examples that rank worst, NaN values first."""
+    total = len(result.per_example)
+    if total == 0:
+        return ["no rows were scored"]
+    values = getattr(result.per_example, ranking.field).tolist()
+    sign = -1.0 if ranking.worst_is_highest else 1.0
+    worst = sorted(range(total), key=lambda i: (not math.isnan(values[i]), sign * values[i]))[:_WORST_COUNT]
+    columns = _ROW_COLUMNS if ranking in _ROW_COLUMNS else (ranking, *_ROW_COLUMNS)
+    arrays = [(column.label, getattr(result.per_example, column.field)) for column in columns]
+
+    def ranked_values(position: int) -> str:
+        return "  ".join(f"{label} {_number(array[position].item()):>{_NUMBER_WIDTH}}" for label, array in arrays)
+
+    end = "highest" if ranking.worst_is_highest else "lowest"
+    heading = f"worst {len(worst)} of {total} by {end} {ranking.description}:"
+    return [heading, *_example_lines(result, worst, ranked_values)]
+
+
+def _example_lines(result: EvalResult, positions: list[int], describe: Callable[[int], str]) -> list[str]:
+    """Per example: its eval-set row, `describe(position)`, and its prompt snippet on the next line."""
+    rows = [int(result.per_example.rows[position]) for position in positions]
+    row_width = max(len(str(row)) for row in rows)
+    lines = []
+    for position, row in zip(positions, rows):
+        prefix = f"  row {row:>{row_width}}  "
+        indent = " " * len(prefix)
+        lines += textwrap.wrap(describe(position), _WIDTH, initial_indent=prefix, subsequent_indent=indent)
+        snippet = _prompt_snippet(result, row)
+        if snippet is not None:
+            lines.append(indent + snippet)
+    return lines
+
+
+def _prompt_snippet(result: EvalResult, row: int) -> str | None:
+    if row >= len(result.prompts):
+        return None
+    text = " ".join(result.prompts[row].split())
+    if len(text) > _SNIPPET_CHARS:
+        text = text[: _SNIPPET_CHARS - 1].rstrip() + "…"
+    return f'"{text}"'
+
+
+def _float_arrays(per_example: PerExample) -> dict[str, torch.Tensor]:
+    arrays = {f.name: getattr(per_example, f.name) for f in fields(per_example)}
+    return {name: values for name, values in arrays.items() if values.is_floating_point()}
+
+
+def _scored(result: EvalResult) -> str:
+    dropped = len(result.dropped_rows)
+    return f"N={_count(len(result.per_example), 'row')} scored" + (f", {dropped} dropped" if dropped else "")
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
+def _number(value: float) -> str:
+    return f"{value:.4g}"
+
+
+def _distinct_numbers(value: float, threshold: float) -> tuple[str, str]:
+    """Both numbers at 4 significant digits, or in full where those would look equal but are not."""
+    shown_value, shown_threshold = _number(value), _number(threshold)
+    if shown_value == shown_threshold and value != threshold:
+        return repr(float(value)), repr(float(threshold))
+    return shown_value, shown_threshold

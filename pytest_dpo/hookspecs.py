@@ -1,0 +1,30 @@
+"""Hooks pytest-dpo adds to pytest, for a team's conftest.py to implement."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import pytest
+
+if TYPE_CHECKING:
+    from .models import Checkpoint
+    from .results import EvalResult
+    from .verdicts import CheckpointVerdict
+
+
+@pytest.hookspec
+def pytest_dpo_checkpoint_verdict(
+    checkpoint: Checkpoint, verdict: CheckpointVerdict, result: EvalResult | None
+) -> None:
+    """Called once per checkpoint at the end of the session, on the controller only.
+
+    Args:
+        checkpoint (`Checkpoint`): the checkpoint (name, path, kind, step).
+        verdict (`CheckpointVerdict`): `.passed`, `.summary` and the node ids per outcome.
+        result (`EvalResult`, *optional*): its evaluation, or None if it was never evaluated.
+
+    Example (conftest.py):
+        def pytest_dpo_checkpoint_verdict(checkpoint, verdict, result):
+            if verdict.passed:
+                notify_slack(f"{checkpoint.name} passed: {result.metrics['rewards/accuracies']:.2f}")
+    """

@@ -1,0 +1,288 @@
+"""The pytest plugin: options, fixtures, parametrization over checkpoints, gate items, verdicts.
+
+Hooks only; the work happens in `session`, `verdicts`, `gates` and `report`.
+Nothing here imports torch, transformers or peft: a pytest run that gives no
+`--dpo-checkpoint` and uses no `dpo_*` fixture never pays for them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from .config import ALL_OPTIONS, ConfigError, RunConfig, read_run_config
+from .gates import Gate
+from .verdicts import Verdicts
+
+if TYPE_CHECKING:
+    from .models import Checkpoint
+    from .results import EvalResult
+    from .session import DPOSession
+
+DPO_FIXTURES = frozenset(
+    {"dpo_checkpoint", "dpo_result", "dpo_metrics", "dpo_model", "dpo_reference_model", "dpo_tokenizer", "dpo_eval_set"}
+)
+CHECKPOINT_PROPERTY = "dpo_checkpoint"
+_SESSION = pytest.StashKey["DPOSession | None"]()
+_VERDICTS = pytest.StashKey[Verdicts]()
+_NO_CHECKPOINT = "no-dpo-checkpoint"
+
+
+def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
+    from . import hookspecs
+
+    pluginmanager.add_hookspecs(hookspecs)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("dpo", "DPO checkpoint testing (pytest-dpo)")
+    for spec in ALL_OPTIONS:
+        group.addoption(
+            spec.flag,
+            dest=spec.dest,
+            action="append" if spec.repeatable else "store",
+            default=None,
+            help=f"{spec.help} (ini: {spec.ini})",
+        )
+        parser.addini(spec.ini, spec.help, type=spec.ini_type, default=[] if spec.ini_type != "string" else "")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "dpo_checkpoint(name): set by pytest-dpo on the tests of one checkpoint")
+    try:
+        run_config = read_run_config(config.getoption, config.getini, config.inipath.parent if config.inipath else None)
+    except ConfigError as error:
+        raise pytest.UsageError(str(error)) from None
+    dpo_session = _start_session(config, run_config) if run_config.active else None
+    config.stash[_SESSION] = dpo_session
+    config.stash[_VERDICTS] = Verdicts(dpo_session.ids if dpo_session else [])
+    if dpo_session is None:
+        return
+    if getattr(config.option, "dist", "no") == "load":
+        # Keep all tests of a checkpoint on one worker (xdist_group marks), so its model loads once.
+        config.option.dist = "loadgroup"
+    config.pluginmanager.register(ActiveRun(config, dpo_session), "dpo-active-run")
+
+
+def _start_session(config: pytest.Config, run_config: RunConfig) -> DPOSession:
+    from .session import DPOSession
+
+    worker = getattr(config, "workerinput", {}).get("workerid")
+    try:
+        return DPOSession(run_config, worker_index=int(worker[2:]) if worker else None)
+    except ConfigError as error:
+        raise pytest.UsageError(str(error)) from None
+
+
+def _dpo_session(config: pytest.Config) -> DPOSession:
+    dpo_session = config.stash[_SESSION]
+    if dpo_session is None:
+        raise pytest.UsageError("no DPO checkpoint configured: pass --dpo-checkpoint PATH or set dpo_checkpoint.")
+    return dpo_session
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if not DPO_FIXTURES & set(metafunc.fixturenames):
+        return
+    dpo_session = metafunc.config.stash[_SESSION]
+    if dpo_session is None:
+        reason = "no DPO checkpoint: pass --dpo-checkpoint PATH or set dpo_checkpoint in the ini file"
+        params = [pytest.param(None, id=_NO_CHECKPOINT, marks=pytest.mark.skip(reason=reason))]
+    else:
+        params = [pytest.param(checkpoint_id, id=checkpoint_id) for checkpoint_id in dpo_session.ids]
+    metafunc.parametrize("dpo_checkpoint", params, indirect=True, scope="session")
+
+
+class GateFailed(AssertionError):
+    """A built-in gate did not hold."""
+
+
+class GateItem(pytest.Item):
+    """One ini gate for one checkpoint: `dpo-gate[checkpoint-500: rewards/accuracies >= 0.6]`."""
+
+    def __init__(self, *, checkpoint_id: str, gate: Gate, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.checkpoint_id = checkpoint_id
+        self.gate = gate
+
+    def runtest(self) -> None:
+        result = _dpo_session(self.config).result(self.checkpoint_id)
+        value = result.metrics[self.gate.metric]
+        if not self.gate.passes(value):
+            raise GateFailed(self.gate.failure_message(self.checkpoint_id, result.metrics))
+
+    def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> str:
+        if isinstance(excinfo.value, GateFailed):
+            return str(excinfo.value)
+        return super().repr_failure(excinfo, style=style)
+
+    def reportinfo(self) -> tuple[str, int | None, str]:
+        return "dpo_gates", None, self.name
+
+
+def checkpoint_of(item: pytest.Item) -> str | None:
+    """The checkpoint a test item is for, or None for a test that is not a DPO test."""
+    if isinstance(item, GateItem):
+        return item.checkpoint_id
+    callspec = getattr(item, "callspec", None)
+    if callspec is None:
+        return None
+    value = callspec.params.get("dpo_checkpoint")
+    return value if isinstance(value, str) else None
+
+
+class ActiveRun:
+    """The hooks that only matter when checkpoints are configured; registered by `pytest_configure`."""
+
+    def __init__(self, config: pytest.Config, dpo_session: DPOSession) -> None:
+        self.config = config
+        self.dpo_session = dpo_session
+        self.verdicts = config.stash[_VERDICTS]
+        self.results: dict[str, EvalResult] = {}
+        self.is_worker = hasattr(config, "workerinput")
+        self.is_controller = not self.is_worker and getattr(config.option, "dist", "no") != "no"
+        self.judges = not self.is_worker and not config.option.collectonly
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_collection_modifyitems(self, session: pytest.Session, items: list[pytest.Item]) -> None:
+        """Add one gate item per gate per checkpoint, before -k/-m deselection sees the items."""
+        for checkpoint_id in self.dpo_session.ids:
+            for gate in self.dpo_session.config.gates:
+                name = f"dpo-gate[{checkpoint_id}: {gate}]"
+                gate_item = GateItem.from_parent(session, name=name, nodeid=name, checkpoint_id=checkpoint_id, gate=gate)
+                items.append(gate_item)
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_collection_finish(self, session: pytest.Session) -> None:
+        """Group each checkpoint's tests together, in checkpoint order, and register them for the verdicts."""
+        order = {checkpoint_id: index for index, checkpoint_id in enumerate(self.dpo_session.ids)}
+        for item in session.items:
+            checkpoint_id = checkpoint_of(item)
+            if checkpoint_id is not None:
+                self.verdicts.expect(checkpoint_id, item.nodeid)
+                item.user_properties.append((CHECKPOINT_PROPERTY, checkpoint_id))
+                item.add_marker(pytest.mark.xdist_group(name=checkpoint_id))
+        session.items.sort(key=lambda item: -1 if checkpoint_of(item) is None else order[checkpoint_of(item)])
+
+    def pytest_runtest_teardown(self, item: pytest.Item) -> None:
+        """Put the checkpoint's metrics into the test's properties (junit XML shows them)."""
+        checkpoint_id = checkpoint_of(item)
+        if checkpoint_id in self.dpo_session.results:
+            metrics = self.dpo_session.results[checkpoint_id].metrics
+            item.user_properties.extend((f"dpo/{name}", value) for name, value in metrics.items())
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        checkpoint_id = dict(report.user_properties).get(CHECKPOINT_PROPERTY)
+        if checkpoint_id is not None and not self.is_controller:
+            self.verdicts.record(checkpoint_id, report.nodeid, report.when, report.outcome)
+
+    def pytest_testnodedown(self, node: Any, error: Any) -> None:
+        """xdist controller: merge a worker's verdicts and results; a crashed worker taints every checkpoint."""
+        output = getattr(node, "workeroutput", {})
+        if "dpo_verdicts" in output:
+            self.verdicts.merge_json(output["dpo_verdicts"])
+        if output.get("dpo_results"):
+            from .results import EvalResult
+
+            for checkpoint_id, data in output["dpo_results"].items():
+                self.results[checkpoint_id] = EvalResult.from_dict(data)
+        if error is not None:
+            for verdict in self.verdicts:
+                self.verdicts.add_problem(verdict.checkpoint, f"worker {node.gateway.id} crashed")
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        if self.is_worker:
+            self.config.workeroutput["dpo_verdicts"] = self.verdicts.to_json()
+            self.config.workeroutput["dpo_results"] = {
+                checkpoint_id: result.to_dict() for checkpoint_id, result in self.dpo_session.results.items()
+            }
+            return
+        if not self.judges:
+            return
+        self.results.update(self.dpo_session.results)
+        for checkpoint_id in self.dpo_session.ids:
+            self.config.hook.pytest_dpo_checkpoint_verdict(
+                checkpoint=self.dpo_session.checkpoint(checkpoint_id),
+                verdict=self.verdicts[checkpoint_id],
+                result=self.results.get(checkpoint_id),
+            )
+        if session.exitstatus == pytest.ExitCode.OK and not all(verdict.passed for verdict in self.verdicts):
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        if not self.judges:
+            return
+        from .report import verdict_table
+
+        terminalreporter.section("DPO checkpoints")
+        for line in verdict_table(self.dpo_session.ids, self.results, self.verdicts).splitlines():
+            terminalreporter.line(line)
+
+
+def verdicts_of(config: pytest.Config) -> Verdicts:
+    """The session's per-checkpoint verdicts (final after `pytest_sessionfinish`), for later stages."""
+    return config.stash[_VERDICTS]
+
+
+@pytest.fixture(scope="session")
+def dpo_checkpoint(request: pytest.FixtureRequest) -> Checkpoint:
+    """The checkpoint this test runs for (name, path, kind, step)."""
+    return _dpo_session(request.config).checkpoint(request.param)
+
+
+@pytest.fixture(scope="session")
+def dpo_result(request: pytest.FixtureRequest, dpo_checkpoint: Checkpoint) -> EvalResult:
+    """The checkpoint's `EvalResult`, computed once and shared by all its tests."""
+    dpo_session = _dpo_session(request.config)
+    return dpo_session.result(dpo_session.id_of(dpo_checkpoint))
+
+
+@pytest.fixture(scope="session")
+def dpo_metrics(dpo_result: EvalResult) -> dict[str, float]:
+    """TRL's eval metrics of the checkpoint (`rewards/accuracies`, `loss`, …), without the `eval_` prefix."""
+    return dpo_result.metrics
+
+
+@pytest.fixture(scope="session")
+def dpo_eval_set(request: pytest.FixtureRequest, dpo_checkpoint: Checkpoint) -> Any:
+    """The validated preference eval set (`EvalSet`)."""
+    return _dpo_session(request.config).eval_set
+
+
+@pytest.fixture(scope="session")
+def dpo_tokenizer(request: pytest.FixtureRequest, dpo_checkpoint: Checkpoint) -> Any:
+    """The checkpoint's tokenizer (or its base's)."""
+    dpo_session = _dpo_session(request.config)
+    return dpo_session.tokenizer(dpo_session.id_of(dpo_checkpoint))
+
+
+@pytest.fixture(scope="session")
+def dpo_model(request: pytest.FixtureRequest, dpo_checkpoint: Checkpoint, dpo_result: EvalResult) -> Iterator[Any]:
+    """The checkpoint's model on the test device; freed before the next checkpoint's is loaded.
+
+    Requesting it also evaluates the checkpoint first, so the model is never
+    held twice at once (once here, once inside the evaluation).
+    """
+    from .session import release_model
+
+    dpo_session = _dpo_session(request.config)
+    model = dpo_session.load_policy(dpo_session.id_of(dpo_checkpoint))
+    yield model
+    release_model(model)
+
+
+@pytest.fixture(scope="session")
+def dpo_reference_model(
+    request: pytest.FixtureRequest, dpo_checkpoint: Checkpoint, dpo_result: EvalResult
+) -> Iterator[Any]:
+    """The checkpoint's reference model (for a fresh LoRA adapter: its base); freed with the checkpoint."""
+    from .session import release_model
+
+    dpo_session = _dpo_session(request.config)
+    model = dpo_session.load_reference(dpo_session.id_of(dpo_checkpoint))
+    yield model
+    release_model(model)
+

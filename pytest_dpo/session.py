@@ -1,0 +1,138 @@
+"""One pytest session's DPO state: the checkpoints, their results (computed once), models on demand.
+
+Knows nothing about pytest; the plugin holds one `DPOSession` per run.
+Torch, transformers and peft are imported only when something is evaluated
+or loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .config import ConfigError, RunConfig
+from .evalset import EvalSet, EvalSetError, load_eval_set
+from .models import Checkpoint, CheckpointError, Reference, checkpoint_ids, discover_checkpoints, resolve_reference
+
+if TYPE_CHECKING:
+    from .results import EvalResult
+
+
+class EvaluationFailed(RuntimeError):
+    """A checkpoint could not be evaluated; raised for every later test of that checkpoint."""
+
+
+class DPOSession:
+    """The checkpoints of a run and everything computed for them.
+
+    Args:
+        config (`RunConfig`): what the plugin was told.
+        worker_index (`int`, *optional*): the pytest-xdist worker number, to give each worker its own GPU.
+
+    Raises:
+        ConfigError: a checkpoint, the reference or the eval set cannot be used.
+    """
+
+    def __init__(self, config: RunConfig, worker_index: int | None = None) -> None:
+        self.config = config
+        self.worker_index = worker_index
+        self.checkpoints = _discover(config.checkpoints)
+        self.ids = checkpoint_ids(self.checkpoints)
+        self._checkpoints = dict(zip(self.ids, self.checkpoints))
+        try:
+            self.eval_set: EvalSet = load_eval_set(config.eval_set or "")
+        except EvalSetError as error:
+            raise ConfigError(f"--dpo-eval-set / dpo_eval_set: {error}") from None
+        self.results: dict[str, EvalResult] = {}
+        self._failures: dict[str, str] = {}
+        self._device: str | None = None
+
+    def checkpoint(self, checkpoint_id: str) -> Checkpoint:
+        return self._checkpoints[checkpoint_id]
+
+    def id_of(self, checkpoint: Checkpoint) -> str:
+        """The unique id (`checkpoint-500`, or `run-a/checkpoint-500`) of one of this session's checkpoints."""
+        return self.ids[self.checkpoints.index(checkpoint)]
+
+    @property
+    def device(self) -> str:
+        if self._device is None:
+            from .models import choose_device
+
+            self._device = choose_device(self.config.settings.device, self.worker_index)
+        return self._device
+
+    def reference(self, checkpoint_id: str) -> Reference:
+        return resolve_reference(self.checkpoint(checkpoint_id), self.config.reference)
+
+    def result(self, checkpoint_id: str) -> EvalResult:
+        """The checkpoint's `EvalResult`, computed on first use; a failure is remembered and raised again."""
+        if checkpoint_id in self.results:
+            return self.results[checkpoint_id]
+        if checkpoint_id in self._failures:
+            raise EvaluationFailed(self._failures[checkpoint_id])
+        from .evaluation import evaluate_with_settings
+
+        settings = dataclasses.replace(self.config.settings, device=self.device)
+        try:
+            result = evaluate_with_settings(self.checkpoint(checkpoint_id), self.eval_set, self.config.reference, settings)
+        except Exception as error:
+            self._failures[checkpoint_id] = f"{checkpoint_id}: evaluation failed: {type(error).__name__}: {error}"
+            raise
+        self.results[checkpoint_id] = result
+        return result
+
+    def tokenizer(self, checkpoint_id: str) -> Any:
+        from .models import load_tokenizer
+
+        return load_tokenizer(self.checkpoint(checkpoint_id), self.reference(checkpoint_id))[0]
+
+    def _dtype(self) -> Any:
+        from .models import choose_dtype
+
+        return choose_dtype(self.config.settings.dtype, self.device)
+
+    def load_policy(self, checkpoint_id: str) -> Any:
+        """The checkpoint's model on the session's device (adapter checkpoints: base with adapter)."""
+        from .models import load_policy
+
+        return load_policy(self.checkpoint(checkpoint_id), device=self.device, dtype=self._dtype())
+
+    def load_reference(self, checkpoint_id: str) -> Any:
+        """The reference model on the session's device (for a fresh adapter: its base model)."""
+        from .models import load_causal_lm, load_reference
+
+        reference = self.reference(checkpoint_id)
+        if reference.kind == "base":
+            return load_causal_lm(reference.path, device=self.device, dtype=self._dtype())
+        return load_reference(reference, device=self.device, dtype=self._dtype())
+
+
+def release_model(model: Any) -> None:
+    """Free a model's memory now, even while a test still holds a reference to the object."""
+    import torch
+
+    model.to("meta")
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _discover(specs: tuple[str, ...]) -> list[Checkpoint]:
+    found: dict[Path, tuple[str, Checkpoint]] = {}
+    for spec in specs:
+        try:
+            checkpoints = discover_checkpoints(spec)
+        except CheckpointError as error:
+            raise ConfigError(f"--dpo-checkpoint / dpo_checkpoint: {error}") from None
+        for checkpoint in checkpoints:
+            key = checkpoint.path.resolve()
+            if key in found:
+                raise ConfigError(
+                    f"--dpo-checkpoint / dpo_checkpoint: {checkpoint.path} is given twice (through {found[key][0]!r} "
+                    f"and {spec!r}). Give each checkpoint once."
+                )
+            found[key] = (spec, checkpoint)
+    return [checkpoint for _, checkpoint in found.values()]
