@@ -91,7 +91,7 @@ _INTEGER_FIELDS = {
 }
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class EvalResult:
     """The evaluation of one checkpoint on one eval set.
 
@@ -126,6 +126,12 @@ class EvalResult:
     def num_examples(self) -> int:
         """How many rows were scored."""
         return len(self.per_example)
+
+    def __repr__(self) -> str:
+        shown = ", ".join(
+            f"{name}={self.metrics[name]:.4g}" for name in ("rewards/accuracies", "rewards/margins", "loss") if name in self.metrics
+        )
+        return f"EvalResult({self.checkpoint}: {shown}, N={self.num_examples})"
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-serialisable values (how results travel from pytest-xdist workers)."""
