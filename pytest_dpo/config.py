@@ -8,6 +8,7 @@ cannot disagree. No pytest import here: the plugin turns `ConfigError` into
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -34,10 +35,17 @@ class OptionSpec:
     ini_type: str = "string"
     repeatable: bool = False
     ini_key: str | None = None
+    is_flag: bool = False
 
     @property
     def flag(self) -> str:
         return "--dpo-" + self.name.replace("_", "-")
+
+    @property
+    def action(self) -> str:
+        if self.is_flag:
+            return "store_true"
+        return "append" if self.repeatable else "store"
 
     @property
     def dest(self) -> str:
@@ -73,7 +81,36 @@ RUN_OPTIONS = (
     ),
 )
 SETTING_OPTIONS = tuple(OptionSpec(f.name, f.metadata["help"]) for f in fields(DPOSettings))
-ALL_OPTIONS = RUN_OPTIONS + SETTING_OPTIONS
+PUBLISH_OPTIONS = (
+    OptionSpec("save_dir", "save each passing checkpoint (weights or adapter, tokenizer, model card, dpo_eval.json) here"),
+    OptionSpec("push_to", "push each passing checkpoint to this Hugging Face Hub model repo (ns/name), one commit each"),
+    OptionSpec("push_revision", "branch to push to (default: main)"),
+    OptionSpec("push_which", "'all' passing checkpoints in training-step order (default) or only the 'last' one"),
+    OptionSpec("private", "create the Hub repo as private", ini_type="bool", is_flag=True),
+    OptionSpec("push_pr", "open a pull request per checkpoint instead of committing to the branch", ini_type="bool", is_flag=True),
+    OptionSpec("no_tag", "do not tag each pushed commit with the checkpoint's name", ini_type="bool", is_flag=True),
+    OptionSpec("dry_run", "print what would be saved and pushed, and do nothing", ini_type="bool", is_flag=True),
+)
+ALL_OPTIONS = RUN_OPTIONS + SETTING_OPTIONS + PUBLISH_OPTIONS
+PUSH_WHICH = ("all", "last")
+
+
+@dataclass(frozen=True)
+class PublishConfig:
+    """Where passing checkpoints go: a local folder, a Hub repo, both, or (dry run) nowhere."""
+
+    save_dir: str | None = None
+    push_to: str | None = None
+    revision: str = "main"
+    which: str = "all"
+    private: bool = False
+    create_pr: bool = False
+    tag: bool = True
+    dry_run: bool = False
+
+    @property
+    def active(self) -> bool:
+        return self.save_dir is not None or self.push_to is not None
 
 
 @dataclass(frozen=True)
@@ -85,6 +122,7 @@ class RunConfig:
     eval_set: str | None
     settings: DPOSettings
     gates: tuple[Gate, ...]
+    publish: PublishConfig = PublishConfig()
 
     @property
     def active(self) -> bool:
@@ -132,6 +170,7 @@ def read_run_config(
         eval_set=_ini_relative(option("dpo_eval_set"), ini("dpo_eval_set"), ini_dir),
         settings=settings,
         gates=gates,
+        publish=_read_publish(option, ini, ini_dir),
     )
     if config.active and config.eval_set is None:
         spec = next(s for s in RUN_OPTIONS if s.name == "eval_set")
@@ -139,12 +178,37 @@ def read_run_config(
     return config
 
 
-def _ini_relative(command_line: str | None, ini_value: str, ini_dir: Path | None) -> str | None:
-    """A command-line path as given; an ini path relative to the ini file's folder when it exists there."""
+def _read_publish(option: Callable[[str], Any], ini: Callable[[str], Any], ini_dir: Path | None) -> PublishConfig:
+    def flag(name: str) -> bool:
+        return bool(option(f"dpo_{name}") or ini(f"dpo_{name}"))
+
+    which = option("dpo_push_which") or ini("dpo_push_which") or "all"
+    if which not in PUSH_WHICH:
+        raise ConfigError(f"--dpo-push-which / dpo_push_which: {which!r} is not one of {', '.join(PUSH_WHICH)}.")
+    push_to = option("dpo_push_to") or ini("dpo_push_to") or None
+    if push_to is not None and not re.fullmatch(r"[\w.-]{1,96}/[\w.-]{1,96}", push_to):
+        raise ConfigError(
+            f"--dpo-push-to / dpo_push_to: {push_to!r} is not a Hub repo id. Write it as namespace/name, "
+            "e.g. my-org/my-dpo-model."
+        )
+    return PublishConfig(
+        save_dir=_ini_relative(option("dpo_save_dir"), ini("dpo_save_dir"), ini_dir, must_exist=False),
+        push_to=push_to,
+        revision=option("dpo_push_revision") or ini("dpo_push_revision") or "main",
+        which=which,
+        private=flag("private"),
+        create_pr=flag("push_pr"),
+        tag=not flag("no_tag"),
+        dry_run=flag("dry_run"),
+    )
+
+
+def _ini_relative(command_line: str | None, ini_value: str, ini_dir: Path | None, must_exist: bool = True) -> str | None:
+    """A command-line path as given; an ini path relative to the ini file's folder (when it exists there, for inputs)."""
     if command_line:
         return command_line
     if not ini_value:
         return None
-    if ini_dir is not None and not Path(ini_value).is_absolute() and (ini_dir / ini_value).exists():
+    if ini_dir is not None and not Path(ini_value).is_absolute() and (not must_exist or (ini_dir / ini_value).exists()):
         return str(ini_dir / ini_value)
     return ini_value

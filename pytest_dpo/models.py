@@ -336,17 +336,44 @@ def _with_adapter(base: str, adapter: Path, device: str, dtype: torch.dtype) -> 
     return PeftModel.from_pretrained(model, str(adapter), is_trainable=False).eval()
 
 
-def load_tokenizer(checkpoint: Checkpoint, reference: Reference) -> tuple[Any, str]:
-    """The tokenizer saved with the checkpoint, else the one of its base or reference; and where it came from."""
-    from transformers import AutoTokenizer
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
 
+
+def _tokenizer_candidates(checkpoint: Checkpoint, reference: Reference) -> list[str]:
     candidates = [str(checkpoint.path)]
     if checkpoint.base_model:
         candidates.append(locate(checkpoint.base_model, checkpoint.path))
     candidates.append(reference.base or reference.path)
+    return candidates
+
+
+def tokenizer_folder(checkpoint: Checkpoint, reference: Reference) -> Path | None:
+    """The local folder the checkpoint's tokenizer is read from: its own, else its base's or the reference's."""
+    for candidate in _tokenizer_candidates(checkpoint, reference):
+        folder = Path(candidate)
+        if folder.is_dir() and any((folder / name).exists() for name in TOKENIZER_FILES[:2]):
+            return folder
+    return None
+
+
+def load_tokenizer(checkpoint: Checkpoint, reference: Reference) -> tuple[Any, str]:
+    """The tokenizer saved with the checkpoint, else the one of its base or reference; and where it came from."""
+    from transformers import AutoTokenizer
+
+    candidates = _tokenizer_candidates(checkpoint, reference)
     for candidate in candidates:
         folder = Path(candidate)
-        if folder.is_dir() and not any((folder / name).exists() for name in ("tokenizer.json", "tokenizer_config.json")):
+        if folder.is_dir() and not any((folder / name).exists() for name in TOKENIZER_FILES[:2]):
             continue
         try:
             return AutoTokenizer.from_pretrained(candidate, trust_remote_code=False), candidate

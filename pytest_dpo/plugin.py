@@ -18,6 +18,7 @@ from .verdicts import Verdicts
 
 if TYPE_CHECKING:
     from .models import Checkpoint
+    from .publish import PublicationReport
     from .results import EvalResult
     from .session import DPOSession
 
@@ -28,6 +29,7 @@ CHECKPOINT_PROPERTY = "dpo_checkpoint"
 _SESSION = pytest.StashKey["DPOSession | None"]()
 _VERDICTS = pytest.StashKey[Verdicts]()
 _NO_CHECKPOINT = "no-dpo-checkpoint"
+_INI_DEFAULTS = {"paths": [], "linelist": [], "bool": False}
 
 
 def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
@@ -42,11 +44,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         group.addoption(
             spec.flag,
             dest=spec.dest,
-            action="append" if spec.repeatable else "store",
+            action=spec.action,
             default=None,
             help=f"{spec.help} (ini: {spec.ini})",
         )
-        parser.addini(spec.ini, spec.help, type=spec.ini_type, default=[] if spec.ini_type != "string" else "")
+        parser.addini(spec.ini, spec.help, type=spec.ini_type, default=_INI_DEFAULTS.get(spec.ini_type, ""))
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -144,6 +146,7 @@ class ActiveRun:
         self.is_worker = hasattr(config, "workerinput")
         self.is_controller = not self.is_worker and getattr(config.option, "dist", "no") != "no"
         self.judges = not self.is_worker and not config.option.collectonly
+        self.publication: PublicationReport | None = None
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_collection_modifyitems(self, session: pytest.Session, items: list[pytest.Item]) -> None:
@@ -211,6 +214,23 @@ class ActiveRun:
             )
         if session.exitstatus == pytest.ExitCode.OK and not all(verdict.passed for verdict in self.verdicts):
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        if self.dpo_session.config.publish.active:
+            self.publication = self._publish(session)
+            if self.publication.error is not None:
+                session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+    def _publish(self, session: pytest.Session) -> PublicationReport:
+        from .publish import PublicationReport, publish
+
+        if session.exitstatus == pytest.ExitCode.INTERRUPTED:
+            return PublicationReport(["session interrupted: nothing saved or pushed"])
+        releases = [
+            self.dpo_session.release(checkpoint_id, self.results[checkpoint_id], self.verdicts[checkpoint_id])
+            for checkpoint_id in self.verdicts.passed_checkpoints()
+        ]
+        if self.dpo_session.config.publish.which == "last":
+            releases = releases[-1:]
+        return publish(releases, self.dpo_session.config.publish)
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
         if not self.judges:
@@ -220,6 +240,10 @@ class ActiveRun:
         terminalreporter.section("DPO checkpoints")
         for line in verdict_table(self.dpo_session.ids, self.results, self.verdicts).splitlines():
             terminalreporter.line(line)
+        if self.publication is not None:
+            terminalreporter.section("DPO publishing")
+            for line in self.publication.lines:
+                terminalreporter.line(line, red=line.startswith("error"))
 
 
 def verdicts_of(config: pytest.Config) -> Verdicts:

@@ -17,7 +17,9 @@ from .evalset import EvalSet, EvalSetError, load_eval_set
 from .models import Checkpoint, CheckpointError, Reference, checkpoint_ids, discover_checkpoints, resolve_reference
 
 if TYPE_CHECKING:
+    from .publish import Release
     from .results import EvalResult
+    from .verdicts import CheckpointVerdict
 
 
 class EvaluationFailed(RuntimeError):
@@ -108,6 +110,25 @@ class DPOSession:
         if reference.kind == "base":
             return load_causal_lm(reference.path, device=self.device, dtype=self._dtype())
         return load_reference(reference, device=self.device, dtype=self._dtype())
+
+
+    def release(self, checkpoint_id: str, result: EvalResult, verdict: CheckpointVerdict) -> Release:
+        """What publishing needs to know about a checkpoint that passed."""
+        from .models import locate, tokenizer_folder
+        from .publish import Release
+
+        checkpoint = self.checkpoint(checkpoint_id)
+        base = checkpoint.base_model
+        hub_base = base if base and not Path(locate(base, checkpoint.path)).exists() else None
+        return Release(
+            checkpoint_id=checkpoint_id,
+            checkpoint=checkpoint,
+            result=result,
+            passed_tests=verdict.tests("passed"),
+            eval_set_name=Path(self.eval_set.path).name,
+            tokenizer_dir=tokenizer_folder(checkpoint, self.reference(checkpoint_id)),
+            base_model=hub_base,
+        )
 
 
 def release_model(model: Any) -> None:

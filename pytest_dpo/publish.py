@@ -1,0 +1,310 @@
+"""Gated publishing: save passing checkpoints atomically and push each as one Hub commit.
+
+Decides nothing about who passed: it is handed the releases. A crash while
+saving never leaves a half-written checkpoint under its final name; a failed
+push leaves the remote as it was before that checkpoint (Hub commits are
+atomic and each checkpoint is exactly one commit).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .config import PublishConfig
+from .model_card import eval_results_yaml, model_card_text, versions
+from .models import ADAPTER_CONFIG, ADAPTER_WEIGHTS, TOKENIZER_FILES, Checkpoint
+
+if TYPE_CHECKING:
+    from .results import EvalResult
+
+MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors.index.json")
+REPORT_FILE = "dpo_eval.json"
+EVAL_RESULTS_FILE = ".eval_results/dpo.yaml"
+REPORT_SCHEMA = 1
+
+
+class PublishError(RuntimeError):
+    """Saving or pushing failed; the message says what is where now and what to do."""
+
+
+@dataclass(frozen=True)
+class Release:
+    """A checkpoint that passed all its DPO tests, with everything needed to publish it."""
+
+    checkpoint_id: str
+    checkpoint: Checkpoint
+    result: EvalResult
+    passed_tests: list[str]
+    eval_set_name: str
+    tokenizer_dir: Path | None
+    base_model: str | None = None
+
+    @property
+    def folder_name(self) -> str:
+        return self.checkpoint_id.replace("/", "--")
+
+    @property
+    def tag(self) -> str:
+        return self.folder_name
+
+    @property
+    def commit_message(self) -> str:
+        metrics = self.result.metrics
+        shown = ", ".join(f"{name}={metrics[name]:.4g}" for name in ("rewards/accuracies", "rewards/margins", "loss"))
+        return f"Release {self.checkpoint_id} ({shown})"
+
+    @property
+    def commit_description(self) -> str:
+        tests = "\n".join(f"- {nodeid}" for nodeid in self.passed_tests)
+        return f"All DPO tests passed (pytest-dpo), eval set sha256 {self.result.eval_set_sha256}:\n{tests}"
+
+
+@dataclass
+class PublicationReport:
+    """What publishing did, line by line, and the error that stopped it, if any."""
+
+    lines: list[str] = field(default_factory=list)
+    error: str | None = None
+
+
+def release_files(release: Release) -> dict[str, Path | bytes]:
+    """Every file of the release by its path in the published folder: copied weights and tokenizer, generated card and report."""
+    source = release.checkpoint.path
+    files: dict[str, Path | bytes] = {}
+    if release.checkpoint.is_adapter:
+        names = [ADAPTER_WEIGHTS, ADAPTER_CONFIG]
+    else:
+        names = [path.name for path in sorted(source.glob("*.safetensors"))] + list(MODEL_FILES)
+    for name in names:
+        if (source / name).exists():
+            files[name] = source / name
+    tokenizer_source = source if any((source / name).exists() for name in TOKENIZER_FILES[:2]) else release.tokenizer_dir
+    for name in TOKENIZER_FILES:
+        if tokenizer_source is not None and (tokenizer_source / name).exists():
+            files[name] = tokenizer_source / name
+    settings = release.result.settings
+    files["README.md"] = model_card_text(
+        model_name=release.checkpoint_id,
+        base_model=release.base_model,
+        library_name="peft" if release.checkpoint.is_adapter else "transformers",
+        metrics=release.result.metrics,
+        eval_set_name=release.eval_set_name,
+        eval_set_sha256=release.result.eval_set_sha256,
+        eval_set_rows=release.result.num_examples + len(release.result.dropped_rows),
+        settings=settings,
+        passed_tests=release.passed_tests,
+    ).encode()
+    files[EVAL_RESULTS_FILE] = eval_results_yaml(
+        metrics=release.result.metrics,
+        eval_set_name=release.eval_set_name,
+        eval_set_sha256=release.result.eval_set_sha256,
+        settings=settings,
+    ).encode()
+    files[REPORT_FILE] = (json.dumps(release_report(release), indent=2) + "\n").encode()
+    return files
+
+
+def release_report(release: Release) -> dict[str, Any]:
+    """The machine-readable report of one released checkpoint (`dpo_eval.json`)."""
+    result = release.result
+    return {
+        "schema": REPORT_SCHEMA,
+        "checkpoint": release.checkpoint_id,
+        "checkpoint_path": str(release.checkpoint.path),
+        "step": release.checkpoint.step,
+        "reference": result.reference,
+        "metrics": result.metrics,
+        "settings": result.settings,
+        "eval_set": {
+            "name": release.eval_set_name,
+            "sha256": result.eval_set_sha256,
+            "scored_rows": result.num_examples,
+            "dropped_rows": result.dropped_rows,
+        },
+        "verdict": {"passed": True, "tests": release.passed_tests},
+        "versions": versions(),
+    }
+
+
+def save_release(release: Release, save_dir: Path) -> Path:
+    """Write the release into `save_dir/<checkpoint>` atomically: a temporary folder next to it, then a rename.
+
+    Raises:
+        PublishError: the folder cannot be written (the message names it); nothing is left under the final name.
+    """
+    target = save_dir / release.folder_name
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+        staging.chmod(0o755)  # mkdtemp's 0700 would carry over to the released folder
+    except OSError as error:
+        raise PublishError(f"cannot write to save dir {save_dir}: {error.strerror}. Choose a writable --dpo-save-dir.") from None
+    try:
+        _write_files(release_files(release), staging)
+        _replace(staging, target)
+    except OSError as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise PublishError(
+            f"saving {release.checkpoint_id} into {target} failed: {error.strerror or error}. Nothing was left "
+            "under that name; free space or fix permissions and run again."
+        ) from None
+    return target
+
+
+def _write_files(files: dict[str, Path | bytes], folder: Path) -> None:
+    for relative, content in files.items():
+        destination = folder / relative
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(content, Path):
+            shutil.copyfile(content, destination)
+        else:
+            destination.write_bytes(content)
+        with destination.open("rb") as handle:
+            os.fsync(handle.fileno())
+
+
+def _replace(staging: Path, target: Path) -> None:
+    """Move `staging` to `target`, replacing an older save of the same checkpoint only once the new one is whole."""
+    if not target.exists():
+        staging.rename(target)
+        return
+    retired = target.with_name(f".{target.name}.replaced-{os.getpid()}")
+    target.rename(retired)
+    staging.rename(target)
+    shutil.rmtree(retired, ignore_errors=True)
+
+
+def plan_text(releases: Sequence[Release], config: PublishConfig) -> list[str]:
+    """What saving and pushing would do, line by line (the dry run)."""
+    if not releases:
+        return ["no checkpoint passed: nothing would be saved or pushed"]
+    lines = []
+    for release in releases:
+        lines.append(f"{release.checkpoint_id}: {release.commit_message}")
+        if config.save_dir:
+            lines.append(f"  would save into {Path(config.save_dir) / release.folder_name}")
+        if config.push_to:
+            target = "a pull request on" if config.create_pr else "branch"
+            tag = f", tag {release.tag}" if config.tag else ""
+            lines.append(f"  would push one commit to {config.push_to} ({target} {config.revision}{tag})")
+        lines.extend(f"    {name}" for name in release_files(release))
+    return lines
+
+
+def publish(releases: Sequence[Release], config: PublishConfig, say: Callable[[str], None] = lambda line: None) -> PublicationReport:
+    """Save and push the releases, in order. Stops at the first failure, which the report carries.
+
+    A dry run only describes. Saving happens for every release before any
+    push, so a push failure never loses a local save.
+    """
+    report = PublicationReport()
+
+    def note(line: str) -> None:
+        report.lines.append(line)
+        say(line)
+
+    if config.dry_run:
+        for line in ["dry run: nothing is saved or pushed", *plan_text(releases, config)]:
+            note(line)
+        return report
+    if not releases:
+        note("no checkpoint passed: nothing saved or pushed")
+        return report
+    folders: dict[str, Path] = {}
+    try:
+        if config.save_dir:
+            for release in releases:
+                folders[release.checkpoint_id] = save_release(release, Path(config.save_dir))
+                note(f"saved {release.checkpoint_id} into {folders[release.checkpoint_id]}")
+        if config.push_to:
+            _push_all(releases, config, folders, note)
+    except PublishError as error:
+        report.error = _scrub(str(error))
+        note(f"error: {report.error}")
+    return report
+
+
+def _push_all(releases: Sequence[Release], config: PublishConfig, folders: dict[str, Path], note: Callable[[str], None]) -> None:
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError, RevisionNotFoundError
+
+    api = HfApi()
+    repo_id = config.push_to or ""
+    try:
+        api.create_repo(repo_id, exist_ok=True, private=config.private or None)
+        try:
+            head = None if config.create_pr else api.repo_info(repo_id, revision=config.revision).sha
+        except RevisionNotFoundError:
+            head = None
+    except (HfHubHTTPError, OSError) as error:
+        raise PublishError(f"cannot reach or create Hub repo {repo_id}: {_first_line(error)}. Nothing was pushed.") from None
+    pushed = []
+    for release in releases:
+        try:
+            with _release_folder(release, folders.get(release.checkpoint_id)) as folder:
+                commit = _commit(api, repo_id, folder, release, config, head)
+            if not config.create_pr:
+                head = commit.oid
+            if config.tag:
+                api.create_tag(repo_id, tag=release.tag, revision=commit.oid, tag_message=release.commit_message)
+        except (HfHubHTTPError, OSError, ValueError, RuntimeError) as error:
+            done = f"pushed before it: {', '.join(pushed)}" if pushed else "nothing was pushed before it"
+            saved = f"; the local save stays in {folders[release.checkpoint_id]}" if release.checkpoint_id in folders else ""
+            raise PublishError(
+                f"pushing {release.checkpoint_id} to {repo_id} failed: {_first_line(error)}. That checkpoint's commit "
+                f"was not made, so the remote is as it was before it ({done}){saved}. Fix the cause and run again."
+            ) from None
+        pushed.append(release.checkpoint_id)
+        where = commit.pr_url if config.create_pr else f"{config.revision}@{commit.oid[:12]}"
+        note(f"pushed {release.checkpoint_id} to {repo_id} ({where})")
+
+
+def _commit(api: Any, repo_id: str, folder: Path, release: Release, config: PublishConfig, head: str | None) -> Any:
+    from huggingface_hub import CommitOperationAdd
+
+    operations = [
+        CommitOperationAdd(path_in_repo=path.relative_to(folder).as_posix(), path_or_fileobj=str(path))
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+    ]
+    return api.create_commit(
+        repo_id,
+        operations,
+        commit_message=release.commit_message,
+        commit_description=release.commit_description,
+        revision=config.revision,
+        parent_commit=head,
+        create_pr=config.create_pr,
+    )
+
+
+@contextmanager
+def _release_folder(release: Release, saved: Path | None) -> Iterator[Path]:
+    """The saved folder of a release, or a temporary one written the same way and removed afterwards."""
+    if saved is not None:
+        yield saved
+        return
+    with tempfile.TemporaryDirectory(prefix="pytest-dpo-push-") as name:
+        _write_files(release_files(release), Path(name))
+        yield Path(name)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
+
+
+def _scrub(text: str) -> str:
+    """Remove the Hub token from a message, whatever path it took there."""
+    from huggingface_hub import get_token
+
+    token = get_token()
+    return text.replace(token, "***") if token else text
