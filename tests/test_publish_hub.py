@@ -161,3 +161,12 @@ def test_dry_run_pushes_nothing(suite: pytest.Pytester, hub: HubServer) -> None:
     suite.runpytest(*RUN, f"--dpo-push-to={REPO}", "--dpo-dry-run")
     assert REPO not in hub.repos
     assert [request for request in hub.requests if request.method == "POST"] == []
+
+
+def test_under_xdist_only_the_controller_saves_and_pushes(suite: pytest.Pytester, hub: HubServer) -> None:
+    result = suite.runpytest_subprocess(
+        "-n", "2", "-p", "no:cacheprovider", *RUN, f"--dpo-push-to={REPO}", "--dpo-save-dir=released"
+    )
+    result.assert_outcomes(passed=2, failed=1)
+    assert pushed_summaries(hub) == ["Release checkpoint-4", "Release checkpoint-6"]
+    assert sorted(path.name for path in (suite.path / "released").iterdir()) == ["checkpoint-4", "checkpoint-6"]
