@@ -1,4 +1,7 @@
-"""`python -m pytest_dpo evaluate ...`: evaluate checkpoints and print their metrics, without pytest."""
+"""`python -m pytest_dpo evaluate ...`: evaluate checkpoints and print their metrics, without pytest.
+
+`python -m pytest_dpo report DIR`: re-render a report's Markdown summary and plot from its JSON.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +10,7 @@ import json
 import sys
 from collections.abc import Sequence
 from dataclasses import fields
+from pathlib import Path
 
 from .settings import DPOSettings, SettingsError
 
@@ -22,6 +26,10 @@ def _parser() -> argparse.ArgumentParser:
     help_texts = DPOSettings.help_texts()
     for field in fields(DPOSettings):
         run.add_argument(f"--{field.name.replace('_', '-')}", dest=field.name, help=help_texts[field.name], default=None)
+    report = commands.add_parser(
+        "report", help="re-render dpo_summary.md and dpo_metrics.png from DIR/dpo_report.json, without models"
+    )
+    report.add_argument("directory", metavar="DIR", help="the folder holding dpo_report.json")
     return parser
 
 
@@ -35,6 +43,8 @@ def _settings(args: argparse.Namespace) -> DPOSettings:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "report":
+        return _rerender(Path(args.directory))
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()
@@ -66,6 +76,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                 handle,
                 indent=1,
             )
+    return 0
+
+
+def _rerender(directory: Path) -> int:
+    from .report import REPORT_FILE, ReportError, load_report, write_views
+
+    try:
+        report = load_report(directory / REPORT_FILE)
+    except ReportError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    for path in write_views(directory, report):
+        print(f"wrote {path}")
     return 0
 
 

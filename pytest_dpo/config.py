@@ -81,6 +81,10 @@ RUN_OPTIONS = (
     ),
 )
 SETTING_OPTIONS = tuple(OptionSpec(f.name, f.metadata["help"]) for f in fields(DPOSettings))
+CACHE_OPTIONS = (
+    OptionSpec("cache_dir", "keep per-example scores here across runs (default: under pytest's cache dir, .pytest_cache)"),
+    OptionSpec("no_cache", "do not read or write the on-disk score cache", ini_type="bool", is_flag=True),
+)
 PUBLISH_OPTIONS = (
     OptionSpec("save_dir", "save each passing checkpoint (weights or adapter, tokenizer, model card, dpo_eval.json) here"),
     OptionSpec("push_to", "push each passing checkpoint to this Hugging Face Hub model repo (ns/name), one commit each"),
@@ -91,7 +95,7 @@ PUBLISH_OPTIONS = (
     OptionSpec("no_tag", "do not tag each pushed commit with the checkpoint's name", ini_type="bool", is_flag=True),
     OptionSpec("dry_run", "print what would be saved and pushed, and do nothing", ini_type="bool", is_flag=True),
 )
-ALL_OPTIONS = RUN_OPTIONS + SETTING_OPTIONS + PUBLISH_OPTIONS
+ALL_OPTIONS = RUN_OPTIONS + SETTING_OPTIONS + CACHE_OPTIONS + PUBLISH_OPTIONS
 PUSH_WHICH = ("all", "last")
 
 
@@ -123,6 +127,8 @@ class RunConfig:
     settings: DPOSettings
     gates: tuple[Gate, ...]
     publish: PublishConfig = PublishConfig()
+    cache_dir: str | None = None
+    use_cache: bool = True
 
     @property
     def active(self) -> bool:
@@ -171,6 +177,8 @@ def read_run_config(
         settings=settings,
         gates=gates,
         publish=_read_publish(option, ini, ini_dir),
+        cache_dir=_ini_relative(option("dpo_cache_dir"), ini("dpo_cache_dir"), ini_dir, must_exist=False),
+        use_cache=not (option("dpo_no_cache") or ini("dpo_no_cache")),
     )
     if config.active and config.eval_set is None:
         spec = next(s for s in RUN_OPTIONS if s.name == "eval_set")

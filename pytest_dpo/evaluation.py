@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from .cache import ScoreCache, cache_key, tokens_digest
 from .evalset import EvalSet, EvalSetError, check_tokenizer, load_eval_set, tokenize_eval_set
 from .metrics import aggregate, build_per_example
 from .models import (
@@ -20,6 +21,8 @@ from .models import (
     load_policy,
     load_reference,
     load_tokenizer,
+    policy_fingerprint,
+    reference_fingerprint,
     resolve_reference,
 )
 from .results import EvalResult, SequenceScores
@@ -44,6 +47,7 @@ def evaluate(
     batch_size: int = 8,
     device: str | None = None,
     dtype: str | None = None,
+    cache_dir: str | Path | None = None,
 ) -> EvalResult:
     """Compute TRL's DPO eval metrics for one checkpoint over a preference eval set.
 
@@ -66,6 +70,9 @@ def evaluate(
         device (`str`, *optional*): default cuda if available, else cpu.
         dtype (`str`, *optional*): `float32`, `bfloat16` or `float16`; default
             bfloat16 on CUDA devices that support it, else float32.
+        cache_dir (`str` or `Path`, *optional*): keep each model's per-example
+            scores here, keyed by weights fingerprint and the exact token ids, and
+            reuse them instead of running the model again.
 
     Returns:
         `EvalResult` with `.metrics` (TRL names, no `eval_` prefix),
@@ -92,7 +99,8 @@ def evaluate(
         device=device,
         dtype=dtype,
     )
-    return evaluate_with_settings(checkpoint, eval_set, reference, settings)
+    cache = ScoreCache(cache_dir) if cache_dir is not None else None
+    return evaluate_with_settings(checkpoint, eval_set, reference, settings, cache)
 
 
 def evaluate_with_settings(
@@ -100,8 +108,9 @@ def evaluate_with_settings(
     eval_set: str | Path | EvalSet | Sequence[dict[str, Any]],
     reference: str | Path | None,
     settings: DPOSettings,
+    cache: ScoreCache | None = None,
 ) -> EvalResult:
-    """`evaluate()` with the settings already gathered in a `DPOSettings`."""
+    """`evaluate()` with the settings already gathered in a `DPOSettings`, and an optional score cache."""
     data = eval_set if isinstance(eval_set, EvalSet) else load_eval_set(eval_set)
     target = checkpoint if isinstance(checkpoint, Checkpoint) else _single_checkpoint(checkpoint)
     ref = resolve_reference(target, reference)
@@ -121,11 +130,23 @@ def evaluate_with_settings(
         "truncation_mode": settings.truncation_mode,
     }
 
-    if ref.kind == "base":
-        policy, reference_scores = _score_adapter_and_base(target, tokenized, device, dtype, scoring)
-    else:
+    tokens = tokens_digest(tokenized, settings.max_length, settings.truncation_mode)
+    keys = {
+        "policy": cache_key(policy_fingerprint(target), str(dtype), device, tokens),
+        "reference": cache_key(reference_fingerprint(ref), str(dtype), device, tokens),
+    }
+    cached = {role: cache.get(key, len(tokenized.rows)) if cache else None for role, key in keys.items()}
+    policy, reference_scores = cached["policy"], cached["reference"]
+    if ref.kind == "base" and (policy is None or reference_scores is None):
+        policy, reference_scores = _score_adapter_and_base(target, tokenized, device, dtype, scoring, policy, reference_scores)
+    if policy is None:
         policy = _score_model(load_policy, target, tokenized, device, dtype, scoring)
+    if reference_scores is None:
         reference_scores = _score_model(load_reference, ref, tokenized, device, dtype, scoring)
+    if cache is not None:
+        for role, scores in (("policy", policy), ("reference", reference_scores)):
+            if cached[role] is None:
+                cache.put(keys[role], scores)
 
     rows = torch.tensor([row.row for row in tokenized.rows], dtype=torch.int64)
     per_example = build_per_example(rows, policy, reference_scores, settings)
@@ -163,13 +184,21 @@ def _score_model(loader: Any, source: Any, tokenized: Any, device: str, dtype: t
 
 
 def _score_adapter_and_base(
-    checkpoint: Checkpoint, tokenized: Any, device: str, dtype: torch.dtype, scoring: dict[str, Any]
+    checkpoint: Checkpoint,
+    tokenized: Any,
+    device: str,
+    dtype: torch.dtype,
+    scoring: dict[str, Any],
+    policy: SequenceScores | None,
+    base: SequenceScores | None,
 ) -> tuple[SequenceScores, SequenceScores]:
-    """Score a PEFT checkpoint and, with its adapter disabled, its base: one model in memory for both."""
+    """Score a PEFT checkpoint and, with its adapter disabled, its base (whichever is missing): one model for both."""
     model = load_policy(checkpoint, device=device, dtype=dtype)
-    policy = score(model, tokenized, **scoring)
-    with model.disable_adapter():
-        base = score(model, tokenized, **scoring)
+    if policy is None:
+        policy = score(model, tokenized, **scoring)
+    if base is None:
+        with model.disable_adapter():
+            base = score(model, tokenized, **scoring)
     del model
     _free_memory()
     return policy, base

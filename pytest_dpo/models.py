@@ -253,6 +253,27 @@ def fingerprint(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def source_fingerprint(name_or_path: str) -> str:
+    """The weights fingerprint of a local model folder, or the Hub id itself for a model read from the cache."""
+    path = Path(name_or_path)
+    return fingerprint(path) if path.is_dir() else f"hub:{name_or_path}"
+
+
+def policy_fingerprint(checkpoint: Checkpoint) -> str:
+    """What identifies the checkpoint's model: its weights, and for an adapter also its base's."""
+    own = fingerprint(checkpoint.path)
+    if not checkpoint.is_adapter:
+        return own
+    return f"{own}+{source_fingerprint(locate(checkpoint.base_model or '', checkpoint.path))}"
+
+
+def reference_fingerprint(reference: Reference) -> str:
+    """What identifies the reference model (a fresh adapter's reference is its base)."""
+    if reference.kind == "adapter":
+        return f"{fingerprint(reference.path)}+{source_fingerprint(reference.base or '')}"
+    return source_fingerprint(reference.path)
+
+
 def choose_device(device: str | None, worker_index: int | None = None) -> str:
     """`device` if given, else `cuda` when available, else `cpu`.
 

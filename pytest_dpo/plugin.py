@@ -7,6 +7,7 @@ Nothing here imports torch, transformers or peft: a pytest run that gives no
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -62,9 +63,6 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[_VERDICTS] = Verdicts(dpo_session.ids if dpo_session else [])
     if dpo_session is None:
         return
-    if getattr(config.option, "dist", "no") == "load":
-        # Keep all tests of a checkpoint on one worker (xdist_group marks), so its model loads once.
-        config.option.dist = "loadgroup"
     config.pluginmanager.register(ActiveRun(config, dpo_session), "dpo-active-run")
 
 
@@ -72,8 +70,10 @@ def _start_session(config: pytest.Config, run_config: RunConfig) -> DPOSession:
     from .session import DPOSession
 
     worker = getattr(config, "workerinput", {}).get("workerid")
+    pytest_cache = getattr(config, "cache", None)
+    default_cache_dir = pytest_cache.mkdir("dpo-scores") if pytest_cache is not None else None
     try:
-        return DPOSession(run_config, worker_index=int(worker[2:]) if worker else None)
+        return DPOSession(run_config, worker_index=int(worker[2:]) if worker else None, default_cache_dir=default_cache_dir)
     except ConfigError as error:
         raise pytest.UsageError(str(error)) from None
 
@@ -150,24 +150,31 @@ class ActiveRun:
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_collection_modifyitems(self, session: pytest.Session, items: list[pytest.Item]) -> None:
-        """Add one gate item per gate per checkpoint, before -k/-m deselection sees the items."""
+        """Add one gate item per gate per checkpoint; runs first, so -k/-m deselection sees them."""
         for checkpoint_id in self.dpo_session.ids:
             for gate in self.dpo_session.config.gates:
                 name = f"dpo-gate[{checkpoint_id}: {gate}]"
                 gate_item = GateItem.from_parent(session, name=name, nodeid=name, checkpoint_id=checkpoint_id, gate=gate)
                 items.append(gate_item)
 
+    @pytest.hookimpl(specname="pytest_collection_modifyitems", trylast=True)
+    def order_by_checkpoint(self, items: list[pytest.Item]) -> None:
+        """Run each checkpoint's tests together, in checkpoint order, after -k/-m deselection.
+
+        Sorting here, not later: pytest-xdist workers report their collection
+        right after this hook and address tests by position.
+        """
+        order = {checkpoint_id: index for index, checkpoint_id in enumerate(self.dpo_session.ids)}
+        items.sort(key=lambda item: -1 if checkpoint_of(item) is None else order[checkpoint_of(item)])
+
     @pytest.hookimpl(trylast=True)
     def pytest_collection_finish(self, session: pytest.Session) -> None:
-        """Group each checkpoint's tests together, in checkpoint order, and register them for the verdicts."""
-        order = {checkpoint_id: index for index, checkpoint_id in enumerate(self.dpo_session.ids)}
+        """Register each checkpoint's tests for its verdict."""
         for item in session.items:
             checkpoint_id = checkpoint_of(item)
             if checkpoint_id is not None:
                 self.verdicts.expect(checkpoint_id, item.nodeid)
                 item.user_properties.append((CHECKPOINT_PROPERTY, checkpoint_id))
-                item.add_marker(pytest.mark.xdist_group(name=checkpoint_id))
-        session.items.sort(key=lambda item: -1 if checkpoint_of(item) is None else order[checkpoint_of(item)])
 
     def pytest_runtest_teardown(self, item: pytest.Item) -> None:
         """Put the checkpoint's metrics into the test's properties (junit XML shows them)."""
@@ -181,11 +188,23 @@ class ActiveRun:
         if checkpoint_id is not None and not self.is_controller:
             self.verdicts.record(checkpoint_id, report.nodeid, report.when, report.outcome)
 
+    @pytest.hookimpl(optionalhook=True, tryfirst=True)
+    def pytest_xdist_make_scheduler(self, config: pytest.Config, log: Any) -> Any:
+        """xdist controller with the default `--dist load`: keep each checkpoint's tests on one worker."""
+        if config.getvalue("dist") != "load":
+            return None
+        from .xdist_scheduling import CheckpointScheduling
+
+        return CheckpointScheduling(config, log, self.dpo_session.ids)
+
+    @pytest.hookimpl(optionalhook=True)
     def pytest_testnodedown(self, node: Any, error: Any) -> None:
         """xdist controller: merge a worker's verdicts and results; a crashed worker taints every checkpoint."""
         output = getattr(node, "workeroutput", {})
         if "dpo_verdicts" in output:
             self.verdicts.merge_json(output["dpo_verdicts"])
+        for name, count in output.get("dpo_cache_stats", {}).items():
+            setattr(self.dpo_session.cache.stats, name, getattr(self.dpo_session.cache.stats, name) + count)
         if output.get("dpo_results"):
             from .results import EvalResult
 
@@ -202,6 +221,7 @@ class ActiveRun:
             self.config.workeroutput["dpo_results"] = {
                 checkpoint_id: result.to_dict() for checkpoint_id, result in self.dpo_session.results.items()
             }
+            self.config.workeroutput["dpo_cache_stats"] = dataclasses.asdict(self.dpo_session.cache.stats)
             return
         if not self.judges:
             return
@@ -240,6 +260,9 @@ class ActiveRun:
         terminalreporter.section("DPO checkpoints")
         for line in verdict_table(self.dpo_session.ids, self.results, self.verdicts).splitlines():
             terminalreporter.line(line)
+        stats = self.dpo_session.cache.stats
+        where = self.dpo_session.cache.directory or "memory only"
+        terminalreporter.line(f"score cache: {stats.hits} hits, {stats.misses} misses, {stats.rebuilt} rebuilt ({where})")
         if self.publication is not None:
             terminalreporter.section("DPO publishing")
             for line in self.publication.lines:

@@ -12,6 +12,7 @@ import gc
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .cache import ScoreCache
 from .config import ConfigError, RunConfig
 from .evalset import EvalSet, EvalSetError, load_eval_set
 from .models import Checkpoint, CheckpointError, Reference, checkpoint_ids, discover_checkpoints, resolve_reference
@@ -32,12 +33,14 @@ class DPOSession:
     Args:
         config (`RunConfig`): what the plugin was told.
         worker_index (`int`, *optional*): the pytest-xdist worker number, to give each worker its own GPU.
+        default_cache_dir (`Path`, *optional*): the score cache's folder unless the options name one;
+            scores are always shared in memory within the session (a sweep scores its reference once).
 
     Raises:
         ConfigError: a checkpoint, the reference or the eval set cannot be used.
     """
 
-    def __init__(self, config: RunConfig, worker_index: int | None = None) -> None:
+    def __init__(self, config: RunConfig, worker_index: int | None = None, default_cache_dir: Path | None = None) -> None:
         self.config = config
         self.worker_index = worker_index
         self.checkpoints = _discover(config.checkpoints)
@@ -50,6 +53,8 @@ class DPOSession:
         self.results: dict[str, EvalResult] = {}
         self._failures: dict[str, str] = {}
         self._device: str | None = None
+        cache_dir = (config.cache_dir or default_cache_dir) if config.use_cache else None
+        self.cache = ScoreCache(cache_dir)
 
     def checkpoint(self, checkpoint_id: str) -> Checkpoint:
         return self._checkpoints[checkpoint_id]
@@ -79,7 +84,9 @@ class DPOSession:
 
         settings = dataclasses.replace(self.config.settings, device=self.device)
         try:
-            result = evaluate_with_settings(self.checkpoint(checkpoint_id), self.eval_set, self.config.reference, settings)
+            result = evaluate_with_settings(
+                self.checkpoint(checkpoint_id), self.eval_set, self.config.reference, settings, self.cache
+            )
         except Exception as error:
             self._failures[checkpoint_id] = f"{checkpoint_id}: evaluation failed: {type(error).__name__}: {error}"
             raise

@@ -260,8 +260,16 @@ def test_xdist_keeps_checkpoints_on_one_worker_and_merges_verdicts(margin_suite:
     margin_suite.makeini(
         f"[pytest]\ndpo_gates =\n    rewards/margins > 0\ndpo_eval_set = {EVAL_STANDARD}\ndpo_reference = {BASE}\n"
     )
-    result = margin_suite.runpytest_subprocess("-n", "2", "-p", "no:cacheprovider", f"--dpo-checkpoint={FULL_RUN}")
+    result = margin_suite.runpytest_subprocess("-n", "2", "-v", "-p", "no:cacheprovider", f"--dpo-checkpoint={FULL_RUN}")
     result.assert_outcomes(passed=7, failed=2)
+    workers: dict[str, set[str]] = {}
+    for line in result.stdout.lines:
+        if line.startswith("[gw") and "checkpoint-" in line:
+            checkpoint = line.split("[checkpoint-")[-1].split("]")[0].split(":")[0]
+            workers.setdefault(checkpoint, set()).add(line.split("]")[0])
+    assert sorted(workers) == ["2", "4", "6"]
+    assert all(len(ran_on) == 1 for ran_on in workers.values()), workers
+    result.stdout.fnmatch_lines(["score cache: 1 hits, 5 misses, 0 rebuilt (memory only)"])
     verdicts = read_verdicts(margin_suite)
     assert {name: v["passed"] for name, v in verdicts.items()} == {
         "checkpoint-2": False, "checkpoint-4": True, "checkpoint-6": True,

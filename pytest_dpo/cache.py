@@ -1,0 +1,117 @@
+"""Content-addressed cache of per-example scores, in memory and (optionally) on disk.
+
+A key covers everything that changes a model's per-example log-probs: the
+model's weights fingerprint, dtype and device type, and the exact token ids
+of the eval set with the truncation settings (so any change to an eval row,
+the tokenizer, the chat template or `max_length` is a different key). DPO's
+`beta` and loss type only enter later, in `metrics.py`, so the cached scores
+serve every beta and loss.
+
+Entries are safetensors files (no pickle), written to a temporary file and
+renamed into place, so a crash never leaves a half-written entry under its
+name; an entry that cannot be read or does not fit is removed and recomputed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from .evalset import TokenizedEvalSet
+from .results import SequenceScores
+
+CACHE_FORMAT = 1
+
+
+def tokens_digest(tokenized: TokenizedEvalSet, max_length: int | None, truncation_mode: str) -> str:
+    """SHA-256 of the token ids that will be scored, with the truncation that applies to them."""
+    digest = hashlib.sha256(f"{max_length}|{truncation_mode}|".encode())
+    for row in tokenized.rows:
+        digest.update(json.dumps([row.row, row.prompt_ids, row.chosen_ids, row.rejected_ids]).encode())
+    return digest.hexdigest()
+
+
+def cache_key(model_fingerprint: str, dtype: str, device: str, tokens: str) -> str:
+    """The key of one model's scores on one tokenized eval set."""
+    device_type = device.split(":")[0]
+    text = json.dumps([CACHE_FORMAT, model_fingerprint, dtype, device_type, tokens])
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+@dataclass
+class CacheStats:
+    hits: int = 0
+    misses: int = 0
+    rebuilt: int = 0
+
+
+class ScoreCache:
+    """Scores by key: always in memory for the session, and on disk when `directory` is given.
+
+    Args:
+        directory (`Path`, *optional*): where entries are kept across runs; None keeps them in memory only.
+    """
+
+    def __init__(self, directory: str | Path | None = None) -> None:
+        self.directory = Path(directory) if directory is not None else None
+        self.stats = CacheStats()
+        self._memory: dict[str, SequenceScores] = {}
+
+    def get(self, key: str, rows: int) -> SequenceScores | None:
+        """The cached scores of `rows` rows under `key`, or None (a miss)."""
+        scores = self._memory.get(key) or self._read(key, rows)
+        if scores is None:
+            self.stats.misses += 1
+            return None
+        self._memory[key] = scores
+        self.stats.hits += 1
+        return scores
+
+    def put(self, key: str, scores: SequenceScores) -> None:
+        self._memory[key] = scores
+        if self.directory is None:
+            return
+        from safetensors.torch import save_file
+
+        self.directory.mkdir(parents=True, exist_ok=True)
+        tensors = {f.name: getattr(scores, f.name).contiguous() for f in fields(scores)}
+        handle, temporary = tempfile.mkstemp(prefix=f".{key}.", suffix=".partial", dir=self.directory)
+        os.close(handle)
+        try:
+            save_file(tensors, temporary, metadata={"format": str(CACHE_FORMAT)})
+            os.replace(temporary, self._path(key))
+        finally:
+            if os.path.exists(temporary):
+                os.unlink(temporary)
+
+    def _path(self, key: str) -> Path:
+        assert self.directory is not None
+        return self.directory / f"{key}.safetensors"
+
+    def _read(self, key: str, rows: int) -> SequenceScores | None:
+        if self.directory is None or not self._path(key).exists():
+            return None
+        try:
+            scores = _load(self._path(key))
+            if len(scores) != rows or any(len(getattr(scores, f.name)) != rows for f in fields(scores)):
+                raise ValueError("row count does not match")
+            return scores
+        except Exception:  # any unreadable entry is rebuilt, never trusted
+            self.stats.rebuilt += 1
+            self._path(key).unlink(missing_ok=True)
+            return None
+
+
+def _load(path: Path) -> SequenceScores:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        if handle.metadata().get("format") != str(CACHE_FORMAT):
+            raise ValueError("other cache format")
+        values: dict[str, Any] = {f.name: handle.get_tensor(f.name) for f in fields(SequenceScores)}
+    return SequenceScores(**values)

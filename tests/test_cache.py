@@ -1,0 +1,133 @@
+"""The score cache: hit when nothing that changes the scores changed, miss otherwise, never trust a bad entry."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import textwrap
+from pathlib import Path
+
+import huggingface_hub  # noqa: F401
+import peft  # noqa: F401
+import pytest
+import torch
+import transformers  # noqa: F401
+
+from pytest_dpo.cache import ScoreCache
+from pytest_dpo.evaluation import evaluate_with_settings
+from pytest_dpo.settings import DPOSettings
+
+from .fixture_paths import BASE, EVAL_STANDARD, FULL_RUN, LORA_RUN
+
+pytest_plugins = ["pytester"]
+
+
+def run(checkpoint: Path, cache: ScoreCache, eval_set: Path = EVAL_STANDARD, reference: Path | None = BASE, **settings: object):
+    return evaluate_with_settings(checkpoint, eval_set, reference, DPOSettings(**settings), cache)
+
+
+def test_second_evaluation_reads_both_models_from_the_cache_and_gives_the_same_numbers(tmp_path: Path) -> None:
+    first = run(FULL_RUN / "checkpoint-4", ScoreCache(tmp_path))
+    cache = ScoreCache(tmp_path)
+    second = run(FULL_RUN / "checkpoint-4", cache)
+    assert (cache.stats.hits, cache.stats.misses) == (2, 0)
+    assert first.metrics == second.metrics
+    uncached = run(FULL_RUN / "checkpoint-4", ScoreCache(None))
+    assert torch.equal(uncached.per_example.policy_chosen_logps, second.per_example.policy_chosen_logps)
+
+
+def test_a_sweep_scores_the_shared_reference_once(tmp_path: Path) -> None:
+    cache = ScoreCache(None)
+    for name in ("checkpoint-2", "checkpoint-4", "checkpoint-6"):
+        run(FULL_RUN / name, cache)
+    assert (cache.stats.hits, cache.stats.misses) == (2, 4)
+
+
+def test_lora_adapter_and_its_base_are_cached_separately(tmp_path: Path) -> None:
+    run(LORA_RUN / "checkpoint-4", ScoreCache(tmp_path), reference=None)
+    cache = ScoreCache(tmp_path)
+    run(LORA_RUN / "checkpoint-6", cache, reference=None)
+    assert (cache.stats.hits, cache.stats.misses) == (1, 1)
+
+
+def _changed_weights(tmp_path: Path) -> Path:
+    copy = tmp_path / "edited" / "checkpoint-4"
+    shutil.copytree(FULL_RUN / "checkpoint-4", copy)
+    weights = copy / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    weights.write_bytes(bytes(data))
+    return copy
+
+
+def _changed_row(tmp_path: Path) -> Path:
+    lines = EVAL_STANDARD.read_text().splitlines()
+    row = json.loads(lines[10])
+    row["chosen"] += " Indeed."
+    lines[10] = json.dumps(row)
+    edited = tmp_path / "edited.jsonl"
+    edited.write_text("\n".join(lines) + "\n")
+    return edited
+
+
+def _changed_tokenizer(tmp_path: Path) -> Path:
+    copy = tmp_path / "retokenized" / "checkpoint-4"
+    shutil.copytree(FULL_RUN / "checkpoint-4", copy)
+    config = json.loads((copy / "tokenizer_config.json").read_text())
+    config["eos_token"] = "<|im_end|>"
+    (copy / "tokenizer_config.json").write_text(json.dumps(config))
+    return copy
+
+
+@pytest.mark.parametrize(
+    ("change", "expected_misses"),
+    [
+        pytest.param(lambda tmp: {"checkpoint": _changed_weights(tmp)}, 1, id="one-weight"),
+        pytest.param(lambda tmp: {"eval_set": _changed_row(tmp)}, 2, id="one-eval-row"),
+        pytest.param(lambda tmp: {"max_length": 40}, 2, id="max-length"),
+        pytest.param(lambda tmp: {"checkpoint": _changed_tokenizer(tmp)}, 2, id="tokenizer"),
+        pytest.param(lambda tmp: {"truncation_mode": "keep_end", "max_length": 40}, 2, id="truncation-mode"),
+        pytest.param(lambda tmp: {"dtype": "bfloat16"}, 2, id="dtype"),
+    ],
+)
+def test_anything_that_changes_the_scores_misses(tmp_path: Path, change, expected_misses: int) -> None:
+    run(FULL_RUN / "checkpoint-4", ScoreCache(tmp_path / "cache"))
+    arguments = {"checkpoint": FULL_RUN / "checkpoint-4", "eval_set": EVAL_STANDARD} | change(tmp_path)
+    cache = ScoreCache(tmp_path / "cache")
+    run(arguments.pop("checkpoint"), cache, arguments.pop("eval_set"), **arguments)
+    assert cache.stats.misses == expected_misses
+
+
+def test_beta_and_loss_type_reuse_the_cached_scores_and_still_change_the_metrics(tmp_path: Path) -> None:
+    first = run(FULL_RUN / "checkpoint-4", ScoreCache(tmp_path), beta=0.1)
+    cache = ScoreCache(tmp_path)
+    second = run(FULL_RUN / "checkpoint-4", cache, beta=0.5, loss_type="ipo")
+    assert (cache.stats.hits, cache.stats.misses) == (2, 0)
+    assert second.metrics["rewards/margins"] == pytest.approx(5 * first.metrics["rewards/margins"])
+    assert second.settings["loss_type"] == ["ipo"] and second.metrics["loss"] != first.metrics["loss"]
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "empty"])
+def test_a_corrupt_entry_is_rebuilt_not_used(tmp_path: Path, damage: str) -> None:
+    reference = run(FULL_RUN / "checkpoint-4", ScoreCache(tmp_path))
+    for entry in tmp_path.glob("*.safetensors"):
+        data = entry.read_bytes()
+        entry.write_bytes({"garbage": b"\x00not safetensors", "truncated": data[: len(data) // 2], "empty": b""}[damage])
+    cache = ScoreCache(tmp_path)
+    rebuilt = run(FULL_RUN / "checkpoint-4", cache)
+    assert (cache.stats.rebuilt, cache.stats.misses) == (2, 2)
+    assert rebuilt.metrics == reference.metrics
+    assert (ScoreCache(tmp_path).get(next(iter(p.stem for p in tmp_path.glob("*.safetensors"))), 24)) is not None
+
+
+def test_no_partial_files_are_left_in_the_cache(tmp_path: Path) -> None:
+    run(FULL_RUN / "checkpoint-4", ScoreCache(tmp_path))
+    assert sorted(path.suffix for path in tmp_path.iterdir()) == [".safetensors", ".safetensors"]
+
+
+def test_second_pytest_run_scores_nothing(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_m=textwrap.dedent("def test_m(dpo_metrics):\n    assert dpo_metrics['loss'] > 0\n"))
+    options = [f"--dpo-checkpoint={FULL_RUN}", f"--dpo-reference={BASE}", f"--dpo-eval-set={EVAL_STANDARD}", "--dpo-cache-dir=scores"]
+    pytester.runpytest(*options).stdout.fnmatch_lines(["score cache: 2 hits, 4 misses, 0 rebuilt (*scores)"])
+    pytester.runpytest(*options).stdout.fnmatch_lines(["score cache: 6 hits, 0 misses, 0 rebuilt (*scores)"])
+    pytester.runpytest(*options, "--dpo-no-cache").stdout.fnmatch_lines(["score cache: 2 hits, 4 misses, 0 rebuilt (memory only)"])

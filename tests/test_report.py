@@ -1,0 +1,291 @@
+"""The report files: JSON against its schema, Markdown summary, plot, step summary, and re-rendering from JSON."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from types import SimpleNamespace
+
+import jsonschema
+import pytest
+from PIL import Image, ImageStat
+
+from pytest_dpo.__main__ import main
+from pytest_dpo.report import (
+    PER_EXAMPLE_FILE,
+    PLOT_FILE,
+    PLOT_SKIPPED,
+    REPORT_FILE,
+    REPORT_SCHEMA_PATH,
+    SUMMARY_FILE,
+    ReportEntry,
+    build_report,
+    metrics_table,
+    per_example_of,
+    render_markdown,
+    render_plot,
+    report_schema,
+    verdict_record,
+    verdict_table,
+    write_report,
+)
+from pytest_dpo.verdicts import Verdicts
+
+GATES = ["rewards/accuracies >= 0.6", "rewards/margins > 0"]
+EVAL_SET = {"path": "data/eval.jsonl", "name": "eval.jsonl", "sha256": "ab12" * 16, "rows": 8, "format": "standard"}
+SETTINGS = {"beta": 0.1, "loss_type": ("sigmoid",), "loss_weights": None, "max_length": 1024, "dtype": "float32",
+            "device": "cpu"}
+VERSIONS = {"pytest-dpo": "0.1.0", "torch": "2.4.0"}
+
+
+def metrics(margin: float, accuracy: float, loss: float) -> dict[str, float]:
+    return {
+        "loss": loss,
+        "rewards/chosen": margin / 2,
+        "rewards/rejected": -margin / 2,
+        "rewards/margins": margin,
+        "rewards/accuracies": accuracy,
+        "logps/chosen": -40.5,
+        "logps/rejected": -44.25,
+        "logits/chosen": -1.5,
+        "logits/rejected": -1.25,
+        "entropy": math.nan,
+        "mean_token_accuracy": 0.5,
+    }
+
+
+def node_ids(checkpoint: str, failed_gate: str | None = None) -> dict[str, list[str]]:
+    gate_ids = [f"dpo-gate[{checkpoint}: {gate}]" for gate in GATES]
+    failed = [f"dpo-gate[{checkpoint}: {failed_gate}]"] if failed_gate else []
+    return {
+        "passed": [f"tests/test_dpo.py::test_margin[{checkpoint}]"] + [g for g in gate_ids if g not in failed],
+        "failed": failed,
+        "error": [],
+        "skipped": [],
+        "not_run": [],
+    }
+
+
+def make_entries() -> list[ReportEntry]:
+    per_example = {"rows": [0, 1, 2], "margins": [0.5, -0.25, math.inf], "losses": [0.4, 0.8, math.nan]}
+    return [
+        ReportEntry(
+            id="checkpoint-2", path="run/checkpoint-2", step=2, kind="model",
+            verdict={"passed": False, "summary": "1 failed", "tests": node_ids("checkpoint-2", "rewards/margins > 0")},
+            metrics=metrics(-0.0123, 0.625, 0.7012), scored_rows=8, dropped_rows=[], evaluate_seconds=1.5,
+            per_example=per_example,
+        ),
+        ReportEntry(
+            id="checkpoint-4", path="run/checkpoint-4", step=4, kind="model",
+            verdict={"passed": True, "summary": "passed", "tests": node_ids("checkpoint-4")},
+            metrics=metrics(0.21, 0.75, 0.59), scored_rows=7, dropped_rows=[5], evaluate_seconds=1.25,
+            per_example=per_example,
+        ),
+        ReportEntry(
+            id="checkpoint-6", path="run/checkpoint-6", step=6, kind="adapter",
+            verdict={"passed": True, "summary": "passed", "tests": node_ids("checkpoint-6")},
+            metrics=metrics(0.48, 0.875, 0.45), scored_rows=8, evaluate_seconds=None,
+            intervals={
+                "rewards/accuracies": {"low": 0.53, "high": 0.98, "confidence": 0.95, "method": "wilson"},
+                "rewards/margins": {"low": 0.1, "high": 0.86, "confidence": 0.95, "method": "bootstrap"},
+            },
+            samples=[{"row": 3, "prompt": "Name a | pipe", "policy": "A pipe:\n| carries water", "reference": "No."}],
+            per_example=per_example,
+        ),
+    ]
+
+
+def make_report() -> dict:
+    created = datetime(2025, 1, 31, 12, 0, tzinfo=timezone.utc)
+    return build_report(make_entries(), eval_set=EVAL_SET, gates=GATES, settings=SETTINGS, versions=VERSIONS,
+                        created=created)
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path]]:
+    directory = tmp_path_factory.mktemp("report") / "out"
+    entries = make_entries()
+    return directory, write_report(directory, make_report(), per_example_of(entries), log=print)
+
+
+def test_report_is_strict_json_that_matches_the_schema(written: tuple[Path, list[Path]]) -> None:
+    directory, paths = written
+    assert paths == [directory / name for name in (REPORT_FILE, PER_EXAMPLE_FILE, SUMMARY_FILE, PLOT_FILE)]
+    text = (directory / REPORT_FILE).read_text()
+    report = json.loads(text, parse_constant=lambda constant: pytest.fail(f"non-strict JSON: {constant}"))
+    jsonschema.Draft202012Validator.check_schema(report_schema())
+    jsonschema.validate(report, report_schema(), cls=jsonschema.Draft202012Validator)
+    assert report == make_report()
+    assert report["schema"] == 1 and report["created"] == "2025-01-31T12:00:00Z"
+    assert report["settings"]["loss_type"] == ["sigmoid"]
+    first, second, third = report["checkpoints"]
+    assert first["metrics"]["entropy"] is None
+    assert first["metrics"]["rewards/margins"] == -0.0123
+    assert first["verdict"]["tests"]["failed"] == ["dpo-gate[checkpoint-2: rewards/margins > 0]"]
+    assert second["dropped_rows"] == [5] and second["timings"] == {"evaluate_seconds": 1.25}
+    assert third["kind"] == "adapter" and third["timings"] == {"evaluate_seconds": None}
+    assert third["intervals"]["rewards/accuracies"]["method"] == "wilson"
+    assert "per_example" not in text
+
+
+def test_per_example_arrays_are_kept_apart(written: tuple[Path, list[Path]]) -> None:
+    directory, _ = written
+    arrays = json.loads((directory / PER_EXAMPLE_FILE).read_text())
+    assert sorted(arrays) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
+    assert arrays["checkpoint-2"] == {"rows": [0, 1, 2], "margins": [0.5, -0.25, None], "losses": [0.4, 0.8, None]}
+
+
+def test_schema_refuses_a_malformed_report() -> None:
+    report = make_report()
+    report["checkpoints"][0]["kind"] = "lora"
+    del report["checkpoints"][1]["verdict"]["passed"]
+    errors = list(jsonschema.Draft202012Validator(report_schema()).iter_errors(report))
+    assert len(errors) == 2
+    assert REPORT_SCHEMA_PATH.name == "dpo_report.schema.json" and REPORT_SCHEMA_PATH.is_file()
+
+
+def test_markdown_has_a_row_per_checkpoint_and_says_why_one_was_held_back() -> None:
+    markdown = render_markdown(make_report())
+    rows = [line for line in markdown.splitlines() if line.startswith("| checkpoint-")]
+    assert [row.split(" | ")[0] for row in rows] == ["| checkpoint-2", "| checkpoint-4", "| checkpoint-6"]
+    assert rows[0].endswith("| ❌ failed |") and rows[1].endswith("| ✅ passed |") and rows[2].endswith("| ✅ passed |")
+    assert "| -0.0123 |" in rows[0] and "| 0.6250 |" in rows[0]
+    assert "`eval.jsonl`: 8 rows, standard, sha256 `ab12ab12ab12`" in markdown
+    assert "beta=0.1, loss_type=sigmoid, loss_weights=none, max_length=1024" in markdown
+    assert "## ❌ checkpoint-2 held back: 1 failed" in markdown
+    assert "- failed gate `rewards/margins > 0`: rewards/margins = **-0.0123**, required > 0" in markdown
+    assert "checkpoint-4 held back" not in markdown
+    assert "2 of 3 checkpoints passed: checkpoint-4, checkpoint-6" in markdown
+
+
+def test_markdown_samples_stay_in_their_cells() -> None:
+    markdown = render_markdown(make_report())
+    assert "## Sample completions: checkpoint-6" in markdown
+    assert "| 3 | Name a \\| pipe | A pipe:<br>\\| carries water | No. |" in markdown
+    table = markdown[markdown.index("| row | prompt"):].split("\n\n")[0].splitlines()
+    assert len(table) == 3
+
+
+def test_markdown_lists_tests_that_failed_errored_or_never_ran() -> None:
+    verdicts = Verdicts(["final"])
+    for nodeid in ("t::a[final]", "t::b[final]", "t::c[final]", "dpo-gate[final: loss < 0.5]"):
+        verdicts.expect("final", nodeid)
+    verdicts.record("final", "t::a[final]", "call", "failed")
+    verdicts.record("final", "t::b[final]", "setup", "failed")
+    verdicts.record("final", "dpo-gate[final: loss < 0.5]", "call", "failed")
+    entry = ReportEntry(id="final", path="run", step=None, kind="model", verdict=verdict_record(verdicts["final"]),
+                        metrics={"loss": math.nan}, scored_rows=8)
+    report = build_report([entry], eval_set=EVAL_SET, gates=["loss < 0.5"], settings={}, versions={})
+    markdown = render_markdown(report)
+    assert "## ❌ final held back: 2 failed, 1 errors, 1 not run" in markdown
+    assert "- failed: `t::a[final]`" in markdown
+    assert "- error: `t::b[final]`" in markdown
+    assert "- not run: `t::c[final]`" in markdown
+    assert "- failed gate `loss < 0.5`: loss = **—**, required < 0.5" in markdown
+    assert "| final | — | — |" in markdown
+
+
+def test_plot_is_a_readable_image(written: tuple[Path, list[Path]]) -> None:
+    directory, _ = written
+    with Image.open(directory / PLOT_FILE) as image:
+        assert image.format == "PNG"
+        assert image.size == (1000, 700)
+        rgb = image.convert("RGB")
+    assert len(rgb.getcolors(maxcolors=1 << 20)) > 100
+    assert min(ImageStat.Stat(rgb).stddev) > 10
+    red_crosses = sum(count for count, (r, g, b) in rgb.getcolors(maxcolors=1 << 20) if r > 180 and g < 80 and b < 80)
+    assert red_crosses > 50
+
+
+def test_plot_places_checkpoints_without_a_step_after_the_last_step(tmp_path: Path) -> None:
+    report = make_report()
+    report["checkpoints"][2] = {**report["checkpoints"][2], "id": "final-model", "step": None}
+    assert render_plot(report, tmp_path / "plot.png")
+    with Image.open(tmp_path / "plot.png") as image:
+        assert image.size == (1000, 700)
+
+
+def test_step_summary_is_appended(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    summary = tmp_path / "step_summary.md"
+    summary.write_text("## earlier step\n")
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
+    write_report(tmp_path / "out", make_report(), {}, log=lambda line: None)
+    text = summary.read_text()
+    assert text.startswith("## earlier step\n")
+    assert "# DPO checkpoint report" in text and "❌ failed" in text
+
+
+def test_without_matplotlib_the_plot_is_skipped_with_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv("GITHUB_STEP_SUMMARY", raising=False)
+    for name in ("matplotlib", "matplotlib.figure", "matplotlib.backends.backend_agg"):
+        monkeypatch.setitem(sys.modules, name, None)
+    paths = write_report(tmp_path, make_report(), {})
+    assert [path.name for path in paths] == [REPORT_FILE, PER_EXAMPLE_FILE, SUMMARY_FILE]
+    assert not (tmp_path / PLOT_FILE).exists()
+    assert capsys.readouterr().out == PLOT_SKIPPED + "\n"
+    assert PLOT_SKIPPED == "plot skipped: install pytest-dpo[plots] (matplotlib) to get dpo_metrics.png"
+    assert not [path for path in tmp_path.iterdir() if path.name.startswith(".")]
+
+
+def test_cli_rerenders_summary_and_plot_from_the_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / REPORT_FILE).write_text(json.dumps(make_report()))
+    assert main(["report", str(tmp_path)]) == 0
+    assert render_markdown(make_report()) == (tmp_path / SUMMARY_FILE).read_text()
+    with Image.open(tmp_path / PLOT_FILE) as image:
+        assert image.size == (1000, 700)
+    assert capsys.readouterr().out.splitlines() == [f"wrote {tmp_path / SUMMARY_FILE}", f"wrote {tmp_path / PLOT_FILE}"]
+
+
+def test_cli_refuses_another_schema_version(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    report = make_report() | {"schema": 2}
+    (tmp_path / REPORT_FILE).write_text(json.dumps(report))
+    assert main(["report", str(tmp_path)]) == 2
+    error = capsys.readouterr().err
+    assert str(tmp_path / REPORT_FILE) in error
+    assert "report schema version 2 (written by pytest-dpo 0.1.0)" in error
+    assert "reads schema version 1" in error
+    assert not (tmp_path / SUMMARY_FILE).exists()
+
+
+def test_cli_names_a_missing_or_malformed_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["report", str(tmp_path)]) == 2
+    assert f"error: {tmp_path / REPORT_FILE}: no such file" in capsys.readouterr().err
+    report = make_report()
+    del report["checkpoints"][1]["verdict"]
+    (tmp_path / REPORT_FILE).write_text(json.dumps(report))
+    assert main(["report", str(tmp_path)]) == 2
+    assert "does not match the report schema at checkpoints/1: 'verdict' is a required property" in capsys.readouterr().err
+
+
+def test_build_report_refuses_repeated_ids_and_unknown_kinds() -> None:
+    entry = make_entries()[0]
+    with pytest.raises(ValueError, match="repeated: checkpoint-2"):
+        build_report([entry, entry], eval_set=EVAL_SET, gates=[], settings={}, versions={})
+    with pytest.raises(ValueError, match="kind 'lora'"):
+        ReportEntry(id="x", path="x", step=None, kind="lora", verdict=entry.verdict, metrics={}, scored_rows=0)
+
+
+def test_importing_the_report_module_stays_light() -> None:
+    code = "import sys, pytest_dpo.report; print(sorted({'torch', 'matplotlib'} & set(sys.modules)))"
+    output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert output.strip() == "[]"
+
+
+def test_terminal_tables_keep_their_layout() -> None:
+    result = SimpleNamespace(checkpoint="checkpoint-2", metrics=metrics(-0.0123, 0.625, 0.7012), num_examples=8,
+                             dropped_rows=[5])
+    table = metrics_table([result])
+    assert table.splitlines()[0] == "metric".ljust(20) + "checkpoint-2".rjust(14)
+    assert table.splitlines()[-1] == "examples".ljust(20) + "8 (-1)".rjust(14)
+    verdicts = Verdicts(["checkpoint-2"])
+    verdicts.expect("checkpoint-2", "dpo-gate[checkpoint-2: rewards/margins > 0]")
+    verdicts.record("checkpoint-2", "dpo-gate[checkpoint-2: rewards/margins > 0]", "call", "failed")
+    lines = verdict_table(["checkpoint-2"], {"checkpoint-2": result}, verdicts).splitlines()
+    assert lines[1].startswith("checkpoint-2") and lines[1].endswith("  FAILED")
+    assert lines[2:] == ["checkpoint-2: 1 failed", "  failed: dpo-gate[checkpoint-2: rewards/margins > 0]"]
