@@ -27,7 +27,7 @@ def _parser() -> argparse.ArgumentParser:
     for field in fields(DPOSettings):
         run.add_argument(f"--{field.name.replace('_', '-')}", dest=field.name, help=help_texts[field.name], default=None)
     report = commands.add_parser(
-        "report", help="re-render dpo_summary.md and dpo_metrics.png from DIR/dpo_report.json, without models"
+        "report", help="re-render dpo_summary.md and dpo_metrics.png from DIR/dpo_report.json (no models)"
     )
     report.add_argument("directory", metavar="DIR", help="the folder holding dpo_report.json")
     return parser

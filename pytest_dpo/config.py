@@ -81,6 +81,9 @@ RUN_OPTIONS = (
     ),
 )
 SETTING_OPTIONS = tuple(OptionSpec(f.name, f.metadata["help"]) for f in fields(DPOSettings))
+REPORT_OPTIONS = (
+    OptionSpec("report", "write dpo_report.json, dpo_per_example.json, dpo_summary.md and dpo_metrics.png here"),
+)
 CACHE_OPTIONS = (
     OptionSpec("cache_dir", "keep per-example scores here across runs (default: under pytest's cache dir, .pytest_cache)"),
     OptionSpec("no_cache", "do not read or write the on-disk score cache", ini_type="bool", is_flag=True),
@@ -95,7 +98,7 @@ PUBLISH_OPTIONS = (
     OptionSpec("no_tag", "do not tag each pushed commit with the checkpoint's name", ini_type="bool", is_flag=True),
     OptionSpec("dry_run", "print what would be saved and pushed, and do nothing", ini_type="bool", is_flag=True),
 )
-ALL_OPTIONS = RUN_OPTIONS + SETTING_OPTIONS + CACHE_OPTIONS + PUBLISH_OPTIONS
+ALL_OPTIONS = RUN_OPTIONS + SETTING_OPTIONS + REPORT_OPTIONS + CACHE_OPTIONS + PUBLISH_OPTIONS
 PUSH_WHICH = ("all", "last")
 
 
@@ -129,6 +132,7 @@ class RunConfig:
     publish: PublishConfig = PublishConfig()
     cache_dir: str | None = None
     use_cache: bool = True
+    report_dir: str | None = None
 
     @property
     def active(self) -> bool:
@@ -179,6 +183,7 @@ def read_run_config(
         publish=_read_publish(option, ini, ini_dir),
         cache_dir=_ini_relative(option("dpo_cache_dir"), ini("dpo_cache_dir"), ini_dir, must_exist=False),
         use_cache=not (option("dpo_no_cache") or ini("dpo_no_cache")),
+        report_dir=_ini_relative(option("dpo_report"), ini("dpo_report"), ini_dir, must_exist=False),
     )
     if config.active and config.eval_set is None:
         spec = next(s for s in RUN_OPTIONS if s.name == "eval_set")

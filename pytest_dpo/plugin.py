@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -147,6 +148,7 @@ class ActiveRun:
         self.is_controller = not self.is_worker and getattr(config.option, "dist", "no") != "no"
         self.judges = not self.is_worker and not config.option.collectonly
         self.publication: PublicationReport | None = None
+        self.report_lines: list[str] = []
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_collection_modifyitems(self, session: pytest.Session, items: list[pytest.Item]) -> None:
@@ -203,6 +205,7 @@ class ActiveRun:
         output = getattr(node, "workeroutput", {})
         if "dpo_verdicts" in output:
             self.verdicts.merge_json(output["dpo_verdicts"])
+        self.dpo_session.timings.update(output.get("dpo_timings", {}))
         for name, count in output.get("dpo_cache_stats", {}).items():
             setattr(self.dpo_session.cache.stats, name, getattr(self.dpo_session.cache.stats, name) + count)
         if output.get("dpo_results"):
@@ -222,6 +225,7 @@ class ActiveRun:
                 checkpoint_id: result.to_dict() for checkpoint_id, result in self.dpo_session.results.items()
             }
             self.config.workeroutput["dpo_cache_stats"] = dataclasses.asdict(self.dpo_session.cache.stats)
+            self.config.workeroutput["dpo_timings"] = self.dpo_session.timings
             return
         if not self.judges:
             return
@@ -238,6 +242,35 @@ class ActiveRun:
             self.publication = self._publish(session)
             if self.publication.error is not None:
                 session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        if self.dpo_session.config.report_dir:
+            self.report_lines = self._write_report()
+
+    def _write_report(self) -> list[str]:
+        from .model_card import versions
+        from .report import build_report, eval_set_record, per_example_of, report_entry, write_report
+
+        session = self.dpo_session
+        entries = [
+            report_entry(
+                session.checkpoint(checkpoint_id),
+                self.verdicts[checkpoint_id],
+                self.results.get(checkpoint_id),
+                evaluate_seconds=session.timings.get(checkpoint_id),
+                checkpoint_id=checkpoint_id,
+            )
+            for checkpoint_id in session.ids
+        ]
+        settings = next(iter(self.results.values())).settings if self.results else session.config.settings.to_dict()
+        report = build_report(
+            entries,
+            eval_set=eval_set_record(session.eval_set),
+            gates=[str(gate) for gate in session.config.gates],
+            settings=settings,
+            versions=versions(),
+        )
+        lines: list[str] = []
+        written = write_report(Path(session.config.report_dir or "."), report, per_example_of(entries), log=lines.append)
+        return lines + [f"wrote {path}" for path in written]
 
     def _publish(self, session: pytest.Session) -> PublicationReport:
         from .publish import PublicationReport, publish
@@ -263,6 +296,8 @@ class ActiveRun:
         stats = self.dpo_session.cache.stats
         where = self.dpo_session.cache.directory or "memory only"
         terminalreporter.line(f"score cache: {stats.hits} hits, {stats.misses} misses, {stats.rebuilt} rebuilt ({where})")
+        for line in self.report_lines:
+            terminalreporter.line(line)
         if self.publication is not None:
             terminalreporter.section("DPO publishing")
             for line in self.publication.lines:

@@ -12,7 +12,7 @@ import json
 import math
 import os
 import re
-import tempfile
+import secrets
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -24,6 +24,7 @@ from .metrics_names import METRIC_NAMES
 
 if TYPE_CHECKING:
     from .evalset import EvalSet
+    from .models import Checkpoint
     from .results import EvalResult
     from .verdicts import CheckpointVerdict, Verdicts
 
@@ -184,6 +185,36 @@ class ReportEntry:
                 raise ValueError(f"ReportEntry {self.id}: interval of {metric} lacks {', '.join(absent)}.")
 
 
+def report_entry(
+    checkpoint: Checkpoint,
+    verdict: CheckpointVerdict,
+    result: EvalResult | None,
+    *,
+    evaluate_seconds: float | None = None,
+    intervals: Mapping[str, Mapping[str, Any]] | None = None,
+    samples: Sequence[Mapping[str, Any]] = (),
+    checkpoint_id: str | None = None,
+) -> ReportEntry:
+    """The report entry of a checkpoint from what a session holds; `result` is None when its evaluation failed.
+
+    `checkpoint_id` is the checkpoint's unique id in the session (default: its folder name).
+    """
+    return ReportEntry(
+        id=checkpoint_id or checkpoint.name,
+        path=str(checkpoint.path),
+        step=checkpoint.step,
+        kind=checkpoint.kind,
+        verdict=verdict_record(verdict),
+        metrics=dict(result.metrics) if result else {},
+        scored_rows=result.num_examples if result else 0,
+        dropped_rows=list(result.dropped_rows) if result else [],
+        evaluate_seconds=evaluate_seconds,
+        intervals=dict(intervals or {}),
+        samples=tuple(samples),
+        per_example=result.per_example.to_dict() if result else {},
+    )
+
+
 def verdict_record(verdict: CheckpointVerdict) -> dict[str, Any]:
     """A checkpoint's verdict as the report stores it (what `ReportEntry.verdict` expects)."""
     tests = {outcome: verdict.tests(outcome) for outcome in TEST_OUTCOMES if outcome != "not_run"}
@@ -253,14 +284,14 @@ def _checkpoint_record(entry: ReportEntry) -> dict[str, Any]:
         {
             "id": entry.id,
             "path": str(entry.path),
-            "step": entry.step,
+            "step": None if entry.step is None else int(entry.step),
             "kind": entry.kind,
             "verdict": {
                 "passed": bool(entry.verdict["passed"]),
                 "summary": str(entry.verdict["summary"]),
                 "tests": {outcome: [str(nodeid) for nodeid in tests.get(outcome, ())] for outcome in TEST_OUTCOMES},
             },
-            "metrics": {name: entry.metrics[name] for name in known + others},
+            "metrics": {name: _float(entry.metrics[name]) for name in known + others},
             "scored_rows": entry.scored_rows,
             "dropped_rows": [int(row) for row in entry.dropped_rows],
             "timings": {"evaluate_seconds": entry.evaluate_seconds},
@@ -272,6 +303,10 @@ def _checkpoint_record(entry: ReportEntry) -> dict[str, Any]:
             ],
         }
     )
+
+
+def _float(value: Any) -> float | None:
+    return None if value is None else float(value)
 
 
 def _strict(value: Any) -> Any:
@@ -372,18 +407,21 @@ def report_schema() -> dict[str, Any]:
 
 def _dumps(value: Any, indent: int | None) -> bytes:
     separators = None if indent else (",", ":")
-    return (json.dumps(value, indent=indent, separators=separators, allow_nan=False, ensure_ascii=False) + "\n").encode()
+    text = json.dumps(value, indent=indent, separators=separators, allow_nan=False, ensure_ascii=False)
+    return (text + "\n").encode("utf-8")
 
 
 def _write_atomic(path: Path, data: bytes) -> Path:
     """Write `data` to a temporary file beside `path`, then rename it over `path`: readers never see half a file."""
-    handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    # os.open with 0o666 lets the umask decide the mode, as for any new file (tempfile would make it 0o600).
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        with handle:
+        with os.fdopen(descriptor, "wb") as handle:
             handle.write(data)
-        os.replace(handle.name, path)
+        os.replace(temporary, path)
     except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
+        temporary.unlink(missing_ok=True)
         raise
     return path
 
@@ -573,7 +611,8 @@ def _positions(checkpoints: Sequence[Mapping[str, Any]], locator: Any) -> tuple[
     if len(steps) <= _ALL_STEP_TICKS:
         step_ticks = list(steps)
     else:
-        step_ticks = [t for t in locator(nbins=6, integer=True).tick_values(steps[0], steps[-1]) if steps[0] <= t <= steps[-1]]
+        candidates = locator(nbins=6, integer=True).tick_values(steps[0], steps[-1])
+        step_ticks = [tick for tick in candidates if steps[0] <= tick <= steps[-1]]
     return positions, step_ticks + extra_ticks, [f"{t:g}" for t in step_ticks] + extra_labels
 
 

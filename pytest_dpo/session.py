@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -51,6 +52,7 @@ class DPOSession:
         except EvalSetError as error:
             raise ConfigError(f"--dpo-eval-set / dpo_eval_set: {error}") from None
         self.results: dict[str, EvalResult] = {}
+        self.timings: dict[str, float] = {}
         self._failures: dict[str, str] = {}
         self._device: str | None = None
         cache_dir = (config.cache_dir or default_cache_dir) if config.use_cache else None
@@ -83,6 +85,7 @@ class DPOSession:
         from .evaluation import evaluate_with_settings
 
         settings = dataclasses.replace(self.config.settings, device=self.device)
+        started = time.perf_counter()
         try:
             result = evaluate_with_settings(
                 self.checkpoint(checkpoint_id), self.eval_set, self.config.reference, settings, self.cache
@@ -91,6 +94,7 @@ class DPOSession:
             self._failures[checkpoint_id] = f"{checkpoint_id}: evaluation failed: {type(error).__name__}: {error}"
             raise
         self.results[checkpoint_id] = result
+        self.timings[checkpoint_id] = time.perf_counter() - started
         return result
 
     def tokenizer(self, checkpoint_id: str) -> Any:

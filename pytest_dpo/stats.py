@@ -233,7 +233,10 @@ def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> Interva
     z2_n = z * z / n
     center = (proportion + z2_n / 2) / (1 + z2_n)
     half_width = z / (1 + z2_n) * math.sqrt(proportion * (1 - proportion) / n + z2_n / (4 * n))
-    return Interval(proportion, max(0.0, center - half_width), min(1.0, center + half_width), confidence, "Wilson")
+    # At 0 and n successes the bounds are exactly 0 and 1; rounding must not push the estimate outside.
+    low = 0.0 if successes == 0 else max(0.0, center - half_width)
+    high = 1.0 if successes == n else min(1.0, center + half_width)
+    return Interval(proportion, low, high, confidence, "Wilson")
 
 
 def mean_interval(
@@ -299,6 +302,9 @@ def accuracy_interval(result: Any, confidence: float = 0.95) -> Interval:
 
     Example:
         ```py
+        from pytest_dpo.stats import accuracy_interval
+
+
         def test_accuracy_is_clearly_above_chance(dpo_result):
             assert accuracy_interval(dpo_result).low > 0.5
         ```
@@ -338,6 +344,9 @@ def metric_interval(
 
     Example:
         ```py
+        from pytest_dpo.stats import metric_interval
+
+
         def test_margin_is_positive_beyond_noise(dpo_result):
             assert metric_interval(dpo_result, "rewards/margins").low > 0
         ```
@@ -423,6 +432,9 @@ def paired_comparison(
 
     Example:
         ```py
+        from pytest_dpo.stats import paired_comparison
+
+
         def test_no_regression_against_release(dpo_result, released_result):
             comparison = paired_comparison(dpo_result, released_result, "rewards/accuracies", tolerance=0.02)
             assert not comparison.regressed, str(comparison)

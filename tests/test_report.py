@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from datetime import datetime, timezone
@@ -28,6 +29,7 @@ from pytest_dpo.report import (
     per_example_of,
     render_markdown,
     render_plot,
+    report_entry,
     report_schema,
     verdict_record,
     verdict_table,
@@ -152,7 +154,7 @@ def test_markdown_has_a_row_per_checkpoint_and_says_why_one_was_held_back() -> N
     markdown = render_markdown(make_report())
     rows = [line for line in markdown.splitlines() if line.startswith("| checkpoint-")]
     assert [row.split(" | ")[0] for row in rows] == ["| checkpoint-2", "| checkpoint-4", "| checkpoint-6"]
-    assert rows[0].endswith("| ❌ failed |") and rows[1].endswith("| ✅ passed |") and rows[2].endswith("| ✅ passed |")
+    assert [row.rsplit(" | ", 1)[1] for row in rows] == ["❌ failed |", "✅ passed |", "✅ passed |"]
     assert "| -0.0123 |" in rows[0] and "| 0.6250 |" in rows[0]
     assert "`eval.jsonl`: 8 rows, standard, sha256 `ab12ab12ab12`" in markdown
     assert "beta=0.1, loss_type=sigmoid, loss_weights=none, max_length=1024" in markdown
@@ -260,7 +262,8 @@ def test_cli_names_a_missing_or_malformed_report(tmp_path: Path, capsys: pytest.
     del report["checkpoints"][1]["verdict"]
     (tmp_path / REPORT_FILE).write_text(json.dumps(report))
     assert main(["report", str(tmp_path)]) == 2
-    assert "does not match the report schema at checkpoints/1: 'verdict' is a required property" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert "does not match the report schema at checkpoints/1: 'verdict' is a required property" in error
 
 
 def test_build_report_refuses_repeated_ids_and_unknown_kinds() -> None:
@@ -289,3 +292,34 @@ def test_terminal_tables_keep_their_layout() -> None:
     lines = verdict_table(["checkpoint-2"], {"checkpoint-2": result}, verdicts).splitlines()
     assert lines[1].startswith("checkpoint-2") and lines[1].endswith("  FAILED")
     assert lines[2:] == ["checkpoint-2: 1 failed", "  failed: dpo-gate[checkpoint-2: rewards/margins > 0]"]
+
+
+def test_report_entry_from_a_session_checkpoint() -> None:
+    verdicts = Verdicts(["checkpoint-4", "checkpoint-6"])
+    verdicts.expect("checkpoint-4", "t::a[checkpoint-4]")
+    verdicts.record("checkpoint-4", "t::a[checkpoint-4]", "call", "passed")
+    verdicts.expect("checkpoint-6", "t::a[checkpoint-6]")
+    checkpoint = SimpleNamespace(name="checkpoint-4", path=Path("run/checkpoint-4"), step=4, kind="adapter")
+    per_example = SimpleNamespace(to_dict=lambda: {"rows": [0, 2]})
+    result = SimpleNamespace(metrics={"loss": 0.5}, num_examples=2, dropped_rows=[1], per_example=per_example)
+    entry = report_entry(checkpoint, verdicts["checkpoint-4"], result, evaluate_seconds=0.5)
+    assert entry == ReportEntry(
+        id="checkpoint-4", path="run/checkpoint-4", step=4, kind="adapter",
+        verdict={"passed": True, "summary": "passed", "tests": {"passed": ["t::a[checkpoint-4]"], "failed": [],
+                                                              "error": [], "skipped": [], "not_run": []}},
+        metrics={"loss": 0.5}, scored_rows=2, dropped_rows=[1], evaluate_seconds=0.5, per_example={"rows": [0, 2]},
+    )
+    failed = SimpleNamespace(name="checkpoint-6", path=Path("run/checkpoint-6"), step=6, kind="model")
+    entry = report_entry(failed, verdicts["checkpoint-6"], None)
+    assert (entry.metrics, entry.scored_rows, entry.per_example) == ({}, 0, {})
+    assert entry.verdict["tests"]["not_run"] == ["t::a[checkpoint-6]"] and not entry.verdict["passed"]
+    report = build_report([entry], eval_set=EVAL_SET, gates=[], settings={}, versions={})
+    jsonschema.validate(report, report_schema(), cls=jsonschema.Draft202012Validator)
+    assert "| checkpoint-6 | 6 | — |" in render_markdown(report)
+
+
+def test_files_get_the_usual_permissions(written: tuple[Path, list[Path]]) -> None:
+    umask = os.umask(0)
+    os.umask(umask)
+    _, paths = written
+    assert {path.stat().st_mode & 0o777 for path in paths} == {0o666 & ~umask}

@@ -7,8 +7,12 @@ simulations are the same on every run; sign-test p-values against sums done by h
 
 from __future__ import annotations
 
+import doctest
+import inspect
 import math
-from collections.abc import Sequence
+import re
+import textwrap
+from collections.abc import Callable, Sequence
 from fractions import Fraction
 
 import pytest
@@ -16,6 +20,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pytest_dpo import stats
 from pytest_dpo.metrics import aggregate, build_per_example
 from pytest_dpo.results import EvalResult, SequenceScores
 from pytest_dpo.settings import DPOSettings
@@ -212,10 +217,10 @@ def test_wilson_interval_covers_the_true_proportion_at_nominal_rate(p: float) ->
 
 
 def test_t_interval_matches_the_formula_worked_by_hand() -> None:
-    # mean 1.25, sample sd sqrt(1.25/3), t(0.975, 3) = 3.182446: half-width 3.182446 * 0.645497 / 2.
+    # mean 1.25, sample sd sqrt(1.25/3), t(0.975, 3) = 3.182446: half-width 3.182446 * 0.645497 / 2 = 1.027130.
     interval = mean_interval([0.5, 1.0, 1.5, 2.0])
     assert interval.estimate == 1.25
-    assert (interval.low, interval.high) == pytest.approx((1.25 - 1.027123, 1.25 + 1.027123), abs=1e-6)
+    assert (interval.low, interval.high) == pytest.approx((1.25 - 1.027130, 1.25 + 1.027130), abs=1e-6)
     assert interval.method == "t" and interval.confidence == 0.95
     assert mean_interval(torch.tensor([0.5, 1.0, 1.5, 2.0])) == interval
 
@@ -520,3 +525,37 @@ def test_swapping_candidate_and_baseline_mirrors_the_comparison(
     assert backward.flipped_to_wrong == forward.flipped_to_right
     assert backward.flipped_to_right == forward.flipped_to_wrong
     assert backward.p_value == forward.p_value and backward.n == forward.n == len(pairs)
+
+
+# ------------------------------------------------------------------------------------------
+# Docstring examples
+# ------------------------------------------------------------------------------------------
+
+
+def test_docstring_doctests_hold() -> None:
+    outcome = doctest.testmod(stats, raise_on_error=False, report=False)
+    assert outcome.attempted >= 8 and outcome.failed == 0
+
+
+def docstring_tests(function: Callable) -> list[Callable]:
+    """The `test_*` functions of the ```py example in `function`'s docstring."""
+    (source,) = re.findall(r"```py\n(.*?)```", inspect.getdoc(function), flags=re.DOTALL)
+    namespace: dict = {}
+    exec(compile(textwrap.dedent(source), f"<{function.__name__} docstring>", "exec"), namespace)
+    tests = [value for name, value in namespace.items() if name.startswith("test_")]
+    assert tests
+    return tests
+
+
+def test_docstring_examples_pass_on_a_good_result_and_fail_on_a_bad_one() -> None:
+    good = make_result([1.0 + 0.1 * (row % 7) for row in range(60)])
+    bad = make_result([-1.0 + 0.1 * (row % 7) for row in range(60)])
+    for function in (stats.accuracy_interval, stats.metric_interval):
+        (example,) = docstring_tests(function)
+        example(good)
+        with pytest.raises(AssertionError):
+            example(bad)
+    (example,) = docstring_tests(stats.paired_comparison)
+    example(good, bad)
+    with pytest.raises(AssertionError, match="regressed"):
+        example(bad, good)
