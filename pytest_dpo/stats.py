@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -64,8 +64,8 @@ _TOKEN_WEIGHTED_METRICS = ("logits/chosen", "logits/rejected", "entropy", "mean_
 _MEAN_METHODS = ("t", "bootstrap")
 # Bootstrap resamples are drawn in chunks so that memory stays bounded (about 32 MiB of indices).
 _BOOTSTRAP_CHUNK_ELEMENTS = 1 << 22
-# Above this many degrees of freedom the t quantile comes from its asymptotic expansion, whose
-# error (of order z**11 / df**5) is far below float64 resolution there.
+# From this many degrees of freedom on the t quantile comes from its asymptotic expansion, whose
+# error (of order z**11 / df**5) is below 1e-12 there.
 _T_EXPANSION_MIN_DF = 1e4
 _BETA_CF_MAX_ITERATIONS = 10_000
 _BETA_CF_EPSILON = 1e-15
@@ -151,11 +151,11 @@ class PairedComparison:
     interval: Interval
     p_value: float
     regressed: bool
-    flipped_to_wrong: list[int] = field(default_factory=list)
-    flipped_to_right: list[int] = field(default_factory=list)
-    n: int = 0
-    higher_is_better: bool = True
-    tolerance: float = 0.0
+    flipped_to_wrong: list[int]
+    flipped_to_right: list[int]
+    n: int
+    higher_is_better: bool
+    tolerance: float
 
     def __str__(self) -> str:
         verdict = "regressed" if self.regressed else "no regression"
@@ -258,15 +258,15 @@ def mean_interval(
     somewhat narrower than nominal for small N and depends on the resamples; a
     fixed `seed` makes it reproducible.
 
+    With no values the estimate is `nan`; with fewer than two the bounds are
+    infinite, since one value says nothing about the spread.
+
     Args:
         values (`torch.Tensor` or a sequence of `float`): one value per example, 1-D.
         confidence (`float`, *optional*, defaults to `0.95`): the nominal coverage.
         method (`str`, *optional*, defaults to `"t"`): `"t"` or `"bootstrap"`.
         resamples (`int`, *optional*, defaults to `2000`): bootstrap resamples.
         seed (`int`, *optional*, defaults to `0`): seed of the bootstrap's `torch.Generator`.
-
-    With no values the estimate is `nan`; with fewer than two the bounds are
-    infinite, since one value says nothing about the spread.
 
     Raises:
         ValueError: `values` is not 1-D or holds non-finite values, or an argument is out of range.
@@ -378,11 +378,7 @@ def sign_test_p_value(positives: int, negatives: int) -> float:
     total = positives + negatives
     if total == 0:
         return 1.0
-    smaller = min(positives, negatives)
-    tail, term = 0, 1
-    for k in range(smaller + 1):
-        tail += term
-        term = term * (total - k) // (k + 1)
+    tail = sum(math.comb(total, k) for k in range(min(positives, negatives) + 1))
     # Integer true division rounds correctly however large 2**total is.
     return min(1.0, 2 * tail / 2**total)
 

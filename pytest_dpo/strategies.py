@@ -254,7 +254,7 @@ def _sequence_scores(
         rejected_logits_sum=per_token(logit) * rejected,
         chosen_entropy_sum=per_token(entropy) * chosen,
         rejected_entropy_sum=per_token(entropy) * rejected,
-        chosen_top1=(top1_share * chosen + 1).round().to(torch.int64),
+        chosen_top1=(top1_share * chosen).round().to(torch.int64),
     )
 
 
