@@ -20,6 +20,7 @@ import torch
 from .results import EvalResult, PerExample
 
 __all__ = [
+    "assert_no_regression",
     "assert_accuracy_above",
     "assert_chosen_reward_above",
     "assert_loss_below",
@@ -51,7 +52,7 @@ _BY_REJECTED = _Ranking("rejected_rewards", "rejected", "rejected reward", worst
 _ROW_COLUMNS = (_BY_MARGIN, _BY_CHOSEN, _BY_REJECTED)
 
 
-def assert_margin_positive(result: EvalResult, *, at_least: float = 0.0) -> None:
+def assert_margin_positive(result: EvalResult, *, at_least: float = 0.0, confidence: float | None = None) -> None:
     """Assert that the mean reward margin `rewards/margins` is above `at_least`.
 
     Args:
@@ -59,6 +60,10 @@ def assert_margin_positive(result: EvalResult, *, at_least: float = 0.0) -> None
             The evaluation of one checkpoint, e.g. the `dpo_result` fixture.
         at_least (`float`, *optional*, defaults to `0.0`):
             The margin must be strictly greater than this.
+        confidence (`float`, *optional*):
+            If given (e.g. `0.95`), the bound of the metric's confidence interval must clear
+            the threshold, not just the point estimate (Wilson interval for the accuracy,
+            Student t for means; see `pytest_dpo.stats`).
 
     Raises:
         `AssertionError`: if the margin is not above `at_least` or is NaN; the message
@@ -72,10 +77,10 @@ def assert_margin_positive(result: EvalResult, *, at_least: float = 0.0) -> None
     ```
     """
     __tracebackhide__ = True
-    _assert_metric(result, "rewards/margins", at_least, above=True, ranking=_BY_MARGIN)
+    _assert_metric(result, "rewards/margins", at_least, above=True, ranking=_BY_MARGIN, confidence=confidence)
 
 
-def assert_accuracy_above(result: EvalResult, threshold: float) -> None:
+def assert_accuracy_above(result: EvalResult, threshold: float, *, confidence: float | None = None) -> None:
     """Assert that the reward accuracy `rewards/accuracies` is strictly above `threshold`.
 
     Args:
@@ -84,6 +89,10 @@ def assert_accuracy_above(result: EvalResult, threshold: float) -> None:
         threshold (`float`):
             The share of examples whose chosen reward beats the rejected one must be
             strictly greater than this.
+        confidence (`float`, *optional*):
+            If given (e.g. `0.95`), the bound of the metric's confidence interval must clear
+            the threshold, not just the point estimate (Wilson interval for the accuracy,
+            Student t for means; see `pytest_dpo.stats`).
 
     Raises:
         `AssertionError`: if the accuracy is not above `threshold` or is NaN; the message
@@ -97,10 +106,10 @@ def assert_accuracy_above(result: EvalResult, threshold: float) -> None:
     ```
     """
     __tracebackhide__ = True
-    _assert_metric(result, "rewards/accuracies", threshold, above=True, ranking=_BY_MARGIN)
+    _assert_metric(result, "rewards/accuracies", threshold, above=True, ranking=_BY_MARGIN, confidence=confidence)
 
 
-def assert_loss_below(result: EvalResult, threshold: float) -> None:
+def assert_loss_below(result: EvalResult, threshold: float, *, confidence: float | None = None) -> None:
     """Assert that the eval `loss` is strictly below `threshold`.
 
     Args:
@@ -108,6 +117,10 @@ def assert_loss_below(result: EvalResult, threshold: float) -> None:
             The evaluation of one checkpoint, e.g. the `dpo_result` fixture.
         threshold (`float`):
             The loss must be strictly less than this.
+        confidence (`float`, *optional*):
+            If given (e.g. `0.95`), the bound of the metric's confidence interval must clear
+            the threshold, not just the point estimate (Wilson interval for the accuracy,
+            Student t for means; see `pytest_dpo.stats`).
 
     Raises:
         `AssertionError`: if the loss is not below `threshold` or is NaN; the message
@@ -121,10 +134,10 @@ def assert_loss_below(result: EvalResult, threshold: float) -> None:
     ```
     """
     __tracebackhide__ = True
-    _assert_metric(result, "loss", threshold, above=False, ranking=_BY_LOSS)
+    _assert_metric(result, "loss", threshold, above=False, ranking=_BY_LOSS, confidence=confidence)
 
 
-def assert_chosen_reward_above(result: EvalResult, threshold: float) -> None:
+def assert_chosen_reward_above(result: EvalResult, threshold: float, *, confidence: float | None = None) -> None:
     """Assert that the mean chosen reward `rewards/chosen` is strictly above `threshold`.
 
     Args:
@@ -132,6 +145,10 @@ def assert_chosen_reward_above(result: EvalResult, threshold: float) -> None:
             The evaluation of one checkpoint, e.g. the `dpo_result` fixture.
         threshold (`float`):
             The chosen reward must be strictly greater than this.
+        confidence (`float`, *optional*):
+            If given (e.g. `0.95`), the bound of the metric's confidence interval must clear
+            the threshold, not just the point estimate (Wilson interval for the accuracy,
+            Student t for means; see `pytest_dpo.stats`).
 
     Raises:
         `AssertionError`: if the chosen reward is not above `threshold` or is NaN; the
@@ -145,10 +162,10 @@ def assert_chosen_reward_above(result: EvalResult, threshold: float) -> None:
     ```
     """
     __tracebackhide__ = True
-    _assert_metric(result, "rewards/chosen", threshold, above=True, ranking=_BY_CHOSEN)
+    _assert_metric(result, "rewards/chosen", threshold, above=True, ranking=_BY_CHOSEN, confidence=confidence)
 
 
-def assert_rejected_reward_below(result: EvalResult, threshold: float) -> None:
+def assert_rejected_reward_below(result: EvalResult, threshold: float, *, confidence: float | None = None) -> None:
     """Assert that the mean rejected reward `rewards/rejected` is strictly below `threshold`.
 
     Args:
@@ -156,6 +173,10 @@ def assert_rejected_reward_below(result: EvalResult, threshold: float) -> None:
             The evaluation of one checkpoint, e.g. the `dpo_result` fixture.
         threshold (`float`):
             The rejected reward must be strictly less than this.
+        confidence (`float`, *optional*):
+            If given (e.g. `0.95`), the bound of the metric's confidence interval must clear
+            the threshold, not just the point estimate (Wilson interval for the accuracy,
+            Student t for means; see `pytest_dpo.stats`).
 
     Raises:
         `AssertionError`: if the rejected reward is not below `threshold` or is NaN; the
@@ -169,7 +190,7 @@ def assert_rejected_reward_below(result: EvalResult, threshold: float) -> None:
     ```
     """
     __tracebackhide__ = True
-    _assert_metric(result, "rewards/rejected", threshold, above=False, ranking=_BY_REJECTED)
+    _assert_metric(result, "rewards/rejected", threshold, above=False, ranking=_BY_REJECTED, confidence=confidence)
 
 
 def assert_metrics_finite(result: EvalResult) -> None:
@@ -225,13 +246,86 @@ def assert_metrics_finite(result: EvalResult) -> None:
     raise AssertionError("\n".join(lines))
 
 
-def _assert_metric(result: EvalResult, metric: str, threshold: float, *, above: bool, ranking: _Ranking) -> None:
+def assert_no_regression(
+    result: EvalResult,
+    baseline: EvalResult,
+    metric: str = "rewards/margins",
+    *,
+    tolerance: float = 0.0,
+    confidence: float = 0.95,
+) -> None:
+    """Assert that `result` did not regress against `baseline` on `metric`, judged pair by pair.
+
+    A paired test on the rows both scored (paired bootstrap of the mean
+    difference; exact sign test for `rewards/accuracies`) decides: the check
+    fails only when the whole confidence interval of the difference lies beyond
+    `tolerance` in the wrong direction. Results from different eval sets are refused.
+
+    Args:
+        result (`EvalResult`):
+            The checkpoint under test, e.g. the `dpo_result` fixture.
+        baseline (`EvalResult`):
+            The last release, e.g. the `dpo_baseline` fixture.
+        metric (`str`, *optional*, defaults to `"rewards/margins"`):
+            A per-example metric (see `pytest_dpo.stats.PER_EXAMPLE_METRICS`).
+        tolerance (`float`, *optional*, defaults to `0.0`):
+            How far the metric may move the wrong way before it counts as a regression.
+        confidence (`float`, *optional*, defaults to `0.95`):
+            Confidence level of the interval of the difference.
+
+    Raises:
+        `AssertionError`: on a regression; the message shows both values, the interval,
+            and the rows that flipped from right (chosen preferred) to wrong.
+        `ValueError`: the two results come from different eval sets.
+
+    Example:
+
+    ```py
+    >>> def test_no_regression(dpo_result, dpo_baseline):
+    ...     assert_no_regression(dpo_result, dpo_baseline, "rewards/accuracies", tolerance=0.02)
+    ```
+    """
+    __tracebackhide__ = True
+    from .stats import paired_comparison
+
+    comparison = paired_comparison(result, baseline, metric, confidence=confidence, tolerance=tolerance)
+    if not comparison.regressed:
+        return
+    lines = [
+        f"{result.checkpoint}: {metric} regressed against {baseline.checkpoint}: "
+        f"{_number(comparison.baseline_value)} -> {_number(comparison.candidate_value)} "
+        f"(difference {comparison.interval}, tolerance {_number(tolerance)}, N={comparison.n} paired rows)",
+        f"{len(comparison.flipped_to_wrong)} rows flipped from right to wrong, "
+        f"{len(comparison.flipped_to_right)} from wrong to right",
+    ]
+    positions = {int(row): index for index, row in enumerate(result.per_example.rows.tolist())}
+    flipped = [positions[row] for row in comparison.flipped_to_wrong[:_WORST_COUNT] if row in positions]
+    margins = result.per_example.margins
+    lines += _example_lines(result, flipped, lambda position: f"margin {_number(margins[position].item())} (was right)")
+    raise AssertionError("\n".join(lines))
+
+
+def _assert_metric(
+    result: EvalResult, metric: str, threshold: float, *, above: bool, ranking: _Ranking, confidence: float | None = None
+) -> None:
     __tracebackhide__ = True
     value = _metric_value(result, metric)
-    if (value > threshold) if above else (value < threshold):
-        return
     relation = "above" if above else "below"
-    if math.isnan(value):
+    if confidence is not None and not math.isnan(value):
+        from .stats import metric_interval
+
+        interval = metric_interval(result, metric, confidence)
+        bound = interval.low if above else interval.high
+        if (bound > threshold) if above else (bound < threshold):
+            return
+        side = "lower" if above else "upper"
+        claim = (
+            f"{metric} = {_number(value)}, but its {confidence:.0%} {side} bound {_number(bound)} is not {relation} "
+            f"{_number(threshold)}; interval {interval}"
+        )
+    elif (value > threshold) if above else (value < threshold):
+        return
+    elif math.isnan(value):
         claim = f"{metric} is NaN, not {relation} {_number(threshold)}"
     else:
         shown_value, shown_threshold = _distinct_numbers(value, threshold)

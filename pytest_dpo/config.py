@@ -71,6 +71,7 @@ RUN_OPTIONS = (
     ),
     OptionSpec("reference", "reference model or adapter (default: the adapter's base / the model card's base_model)"),
     OptionSpec("eval_set", "preference eval set: .jsonl, .json, .parquet, .csv or a datasets save_to_disk folder"),
+    OptionSpec("baseline", "the last release to compare with: a checkpoint folder, or a dpo_report.json (or its folder)"),
     OptionSpec(
         "gate",
         "a gate such as 'rewards/accuracies >= 0.6', one per line in the ini file; on the command line "
@@ -133,6 +134,7 @@ class RunConfig:
     cache_dir: str | None = None
     use_cache: bool = True
     report_dir: str | None = None
+    baseline: str | None = None
 
     @property
     def active(self) -> bool:
@@ -184,6 +186,7 @@ def read_run_config(
         cache_dir=_ini_relative(option("dpo_cache_dir"), ini("dpo_cache_dir"), ini_dir, must_exist=False),
         use_cache=not (option("dpo_no_cache") or ini("dpo_no_cache")),
         report_dir=_ini_relative(option("dpo_report"), ini("dpo_report"), ini_dir, must_exist=False),
+        baseline=_ini_relative(option("dpo_baseline"), ini("dpo_baseline"), ini_dir),
     )
     if config.active and config.eval_set is None:
         spec = next(s for s in RUN_OPTIONS if s.name == "eval_set")

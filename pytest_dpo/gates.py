@@ -11,7 +11,8 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from .metrics_names import METRIC_NAMES
+from .metrics_names import METRIC_NAMES, PER_EXAMPLE_METRICS
+
 
 OPERATORS: dict[str, Callable[[float, float], bool]] = {
     ">=": operator.ge,
@@ -23,7 +24,8 @@ OPERATORS: dict[str, Callable[[float, float], bool]] = {
 }
 _GATE = re.compile(
     r"^\s*(?P<metric>[A-Za-z_][\w/]*)\s*(?P<op>>=|<=|==|!=|>|<)\s*"
-    r"(?P<threshold>[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*$"
+    r"(?P<threshold>[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)"
+    r"(?:\s*@\s*(?P<confidence>\d+(?:\.\d+)?)\s*%)?\s*$"
 )
 
 
@@ -44,17 +46,30 @@ class Gate:
     metric: str
     operator: str
     threshold: float
+    confidence: float | None = None
 
     def __str__(self) -> str:
-        return f"{self.metric} {self.operator} {self.threshold:g}"
+        suffix = f" @{self.confidence * 100:g}%" if self.confidence is not None else ""
+        return f"{self.metric} {self.operator} {self.threshold:g}{suffix}"
+
+    @property
+    def bound(self) -> str:
+        """Which side of a confidence interval must clear the threshold: `low` for >, >=; `high` for <, <=."""
+        return "low" if self.operator.startswith(">") else "high"
 
     def passes(self, value: float) -> bool:
-        """Whether `value` satisfies the gate; a NaN or infinite value never does."""
+        """Whether `value` (the estimate, or the interval bound for a confidence gate) satisfies the gate.
+
+        A NaN or infinite value never does.
+        """
         return math.isfinite(value) and OPERATORS[self.operator](value, self.threshold)
 
-    def failure_message(self, checkpoint: str, metrics: Mapping[str, float]) -> str:
+    def failure_message(self, checkpoint: str, metrics: Mapping[str, float], interval: object = None) -> str:
         value = metrics[self.metric]
-        return f"{checkpoint}: gate failed: {self.metric} = {value:.6g}, required {self.operator} {self.threshold:g}"
+        text = f"{checkpoint}: gate failed: {self.metric} = {value:.6g}, required {self.operator} {self.threshold:g}"
+        if interval is not None:
+            text += f" for the {self.confidence:.0%} {'lower' if self.bound == 'low' else 'upper'} bound; interval {interval}"
+        return text
 
 
 def parse_gate(text: str, where: str) -> Gate:
@@ -71,7 +86,20 @@ def parse_gate(text: str, where: str) -> Gate:
             f"{where}: unknown metric {match.group('metric')!r} in gate {text.strip()!r}. "
             f"Known metrics: {', '.join(METRIC_NAMES)}."
         )
-    return Gate(metric, match.group("op"), float(match.group("threshold")))
+    confidence = None
+    if match.group("confidence") is not None:
+        confidence = float(match.group("confidence")) / 100
+        if not 0 < confidence < 1 or match.group("op") in ("==", "!="):
+            raise GateError(
+                f"{where}: a confidence gate needs <, <=, > or >= and a level between 0 and 100%, "
+                f"e.g. `rewards/accuracies >= 0.6 @95%`; got {text.strip()!r}."
+            )
+        if metric not in PER_EXAMPLE_METRICS:
+            raise GateError(
+                f"{where}: {metric} is token-weighted, so it has no per-example confidence interval. "
+                f"Confidence gates work for: {', '.join(PER_EXAMPLE_METRICS)}."
+            )
+    return Gate(metric, match.group("op"), float(match.group("threshold")), confidence)
 
 
 def parse_gates(lines: Sequence[str], source: str = "dpo_gates") -> tuple[Gate, ...]:

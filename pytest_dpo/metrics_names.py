@@ -13,3 +13,14 @@ METRIC_NAMES = (
     "entropy",
     "mean_token_accuracy",
 )
+
+# The metrics that are means over examples, so they have confidence intervals (see stats.py).
+PER_EXAMPLE_METRICS = (
+    "loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margins",
+    "rewards/accuracies",
+    "logps/chosen",
+    "logps/rejected",
+)

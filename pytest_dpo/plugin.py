@@ -112,9 +112,14 @@ class GateItem(pytest.Item):
 
     def runtest(self) -> None:
         result = _dpo_session(self.config).result(self.checkpoint_id)
-        value = result.metrics[self.gate.metric]
+        value, interval = result.metrics[self.gate.metric], None
+        if self.gate.confidence is not None:
+            from .stats import metric_interval
+
+            interval = metric_interval(result, self.gate.metric, self.gate.confidence)
+            value = getattr(interval, self.gate.bound)
         if not self.gate.passes(value):
-            raise GateFailed(self.gate.failure_message(self.checkpoint_id, result.metrics))
+            raise GateFailed(self.gate.failure_message(self.checkpoint_id, result.metrics, interval))
 
     def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> str:
         if isinstance(excinfo.value, GateFailed):
@@ -320,6 +325,15 @@ def dpo_result(request: pytest.FixtureRequest, dpo_checkpoint: Checkpoint) -> Ev
     """The checkpoint's `EvalResult`, computed once and shared by all its tests."""
     dpo_session = _dpo_session(request.config)
     return dpo_session.result(dpo_session.id_of(dpo_checkpoint))
+
+
+@pytest.fixture(scope="session")
+def dpo_baseline(request: pytest.FixtureRequest) -> EvalResult:
+    """The last release's `EvalResult` (`--dpo-baseline`), for `assert_no_regression`; skips the test without one."""
+    dpo_session = _dpo_session(request.config)
+    if not dpo_session.config.baseline:
+        pytest.skip("no baseline: pass --dpo-baseline (a checkpoint, or a saved dpo_report.json)")
+    return dpo_session.baseline()
 
 
 @pytest.fixture(scope="session")

@@ -400,6 +400,44 @@ def load_report(path: Path) -> dict[str, Any]:
     return report
 
 
+def baseline_from_report(path: Path) -> EvalResult:
+    """The last passing checkpoint of a saved report, as an `EvalResult` to compare new checkpoints with.
+
+    `path` is a `dpo_report.json` or the folder holding it; the per-example
+    arrays come from the `dpo_per_example.json` written beside it.
+
+    Raises:
+        ReportError: the report or its per-example file is missing or unreadable, or no checkpoint passed.
+    """
+    from .results import EvalResult, PerExample
+
+    path = Path(path)
+    report_path = path / REPORT_FILE if path.is_dir() else path
+    report = load_report(report_path)
+    passed = [entry for entry in report["checkpoints"] if entry["verdict"]["passed"]]
+    if not passed:
+        raise ReportError(f"{report_path}: no checkpoint passed in this report, so it has no release to compare with.")
+    entry = passed[-1]
+    per_example_path = report_path.parent / PER_EXAMPLE_FILE
+    try:
+        arrays = json.loads(per_example_path.read_text(encoding="utf-8"))[entry["id"]]
+    except (OSError, json.JSONDecodeError, KeyError):
+        raise ReportError(
+            f"{per_example_path}: missing or without {entry['id']}; a baseline needs the per-example arrays "
+            "written next to the report."
+        ) from None
+    return EvalResult(
+        checkpoint=entry["id"],
+        checkpoint_path=entry["path"],
+        reference="(from report)",
+        metrics={name: value if value is not None else math.nan for name, value in entry["metrics"].items()},
+        per_example=PerExample.from_dict(arrays),
+        dropped_rows=list(entry["dropped_rows"]),
+        eval_set_sha256=report["eval_set"]["sha256"],
+        settings=dict(report["settings"]),
+    )
+
+
 def report_schema() -> dict[str, Any]:
     """The JSON Schema (draft 2020-12) of the report."""
     return json.loads(REPORT_SCHEMA_PATH.read_text(encoding="utf-8"))

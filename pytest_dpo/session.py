@@ -55,6 +55,7 @@ class DPOSession:
         self.timings: dict[str, float] = {}
         self._failures: dict[str, str] = {}
         self._device: str | None = None
+        self._baseline: EvalResult | None = None
         cache_dir = (config.cache_dir or default_cache_dir) if config.use_cache else None
         self.cache = ScoreCache(cache_dir)
 
@@ -96,6 +97,25 @@ class DPOSession:
         self.results[checkpoint_id] = result
         self.timings[checkpoint_id] = time.perf_counter() - started
         return result
+
+    def baseline(self) -> EvalResult:
+        """The result to compare with (`--dpo-baseline`): a checkpoint evaluated like the others, or a saved report."""
+        if self._baseline is None:
+            path = Path(self.config.baseline or "")
+            if path.is_file() or (path / "dpo_report.json").exists():
+                from .report import ReportError, baseline_from_report
+
+                try:
+                    self._baseline = baseline_from_report(path)
+                except ReportError as error:
+                    raise EvaluationFailed(f"--dpo-baseline: {error}") from None
+            else:
+                from .evaluation import evaluate_with_settings
+
+                settings = dataclasses.replace(self.config.settings, device=self.device)
+                (checkpoint,) = discover_checkpoints(path)[-1:]
+                self._baseline = evaluate_with_settings(checkpoint, self.eval_set, self.config.reference, settings, self.cache)
+        return self._baseline
 
     def tokenizer(self, checkpoint_id: str) -> Any:
         from .models import load_tokenizer

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from .metrics_names import PER_EXAMPLE_METRICS
 from .results import PerExample
 
 __all__ = [
@@ -40,15 +41,6 @@ __all__ = [
     "wilson_interval",
 ]
 
-PER_EXAMPLE_METRICS = (
-    "loss",
-    "rewards/chosen",
-    "rewards/rejected",
-    "rewards/margins",
-    "rewards/accuracies",
-    "logps/chosen",
-    "logps/rejected",
-)
 # A regression is a move in the wrong direction: these metrics get worse as they grow.
 LOWER_IS_BETTER_METRICS = ("loss", "rewards/rejected", "logps/rejected")
 
