@@ -82,6 +82,10 @@ RUN_OPTIONS = (
     ),
 )
 SETTING_OPTIONS = tuple(OptionSpec(f.name, f.metadata["help"]) for f in fields(DPOSettings))
+LOCK_OPTIONS = (
+    OptionSpec("lock", "eval-set lock file (default: dpo.lock in the rootdir; 'none' turns the lock off)"),
+    OptionSpec("update_lock", "accept a changed eval set or tokenizer and rewrite the lock", ini_type="bool", is_flag=True),
+)
 REPORT_OPTIONS = (
     OptionSpec("report", "write dpo_report.json, dpo_per_example.json, dpo_summary.md and dpo_metrics.png here"),
 )
@@ -99,7 +103,7 @@ PUBLISH_OPTIONS = (
     OptionSpec("no_tag", "do not tag each pushed commit with the checkpoint's name", ini_type="bool", is_flag=True),
     OptionSpec("dry_run", "print what would be saved and pushed, and do nothing", ini_type="bool", is_flag=True),
 )
-ALL_OPTIONS = RUN_OPTIONS + SETTING_OPTIONS + REPORT_OPTIONS + CACHE_OPTIONS + PUBLISH_OPTIONS
+ALL_OPTIONS = RUN_OPTIONS + SETTING_OPTIONS + LOCK_OPTIONS + REPORT_OPTIONS + CACHE_OPTIONS + PUBLISH_OPTIONS
 PUSH_WHICH = ("all", "last")
 
 
@@ -135,6 +139,8 @@ class RunConfig:
     use_cache: bool = True
     report_dir: str | None = None
     baseline: str | None = None
+    lock: str | None = "dpo.lock"
+    update_lock: bool = False
 
     @property
     def active(self) -> bool:
@@ -187,11 +193,17 @@ def read_run_config(
         use_cache=not (option("dpo_no_cache") or ini("dpo_no_cache")),
         report_dir=_ini_relative(option("dpo_report"), ini("dpo_report"), ini_dir, must_exist=False),
         baseline=_ini_relative(option("dpo_baseline"), ini("dpo_baseline"), ini_dir),
+        lock=_lock_path(option("dpo_lock") or ini("dpo_lock") or "dpo.lock"),
+        update_lock=bool(option("dpo_update_lock") or ini("dpo_update_lock")),
     )
     if config.active and config.eval_set is None:
         spec = next(s for s in RUN_OPTIONS if s.name == "eval_set")
         raise ConfigError(f"{spec.both}: no eval set given. Pass the frozen preference eval set the checkpoints are scored on.")
     return config
+
+
+def _lock_path(value: str) -> str | None:
+    return None if value.strip().lower() in ("none", "off", "false") else value
 
 
 def _read_publish(option: Callable[[str], Any], ini: Callable[[str], Any], ini_dir: Path | None) -> PublishConfig:

@@ -74,9 +74,12 @@ def _start_session(config: pytest.Config, run_config: RunConfig) -> DPOSession:
     pytest_cache = getattr(config, "cache", None)
     default_cache_dir = pytest_cache.mkdir("dpo-scores") if pytest_cache is not None else None
     try:
-        return DPOSession(run_config, worker_index=int(worker[2:]) if worker else None, default_cache_dir=default_cache_dir)
+        dpo_session = DPOSession(run_config, worker_index=int(worker[2:]) if worker else None, default_cache_dir=default_cache_dir)
+        if run_config.lock and not worker:
+            dpo_session.lock_status = dpo_session.check_lock(config.rootpath)
     except ConfigError as error:
         raise pytest.UsageError(str(error)) from None
+    return dpo_session
 
 
 def _dpo_session(config: pytest.Config) -> DPOSession:
@@ -298,6 +301,8 @@ class ActiveRun:
         terminalreporter.section("DPO checkpoints")
         for line in verdict_table(self.dpo_session.ids, self.results, self.verdicts).splitlines():
             terminalreporter.line(line)
+        if self.dpo_session.lock_status:
+            terminalreporter.line(f"eval-set lock {self.dpo_session.config.lock}: {self.dpo_session.lock_status}")
         stats = self.dpo_session.cache.stats
         where = self.dpo_session.cache.directory or "memory only"
         terminalreporter.line(f"score cache: {stats.hits} hits, {stats.misses} misses, {stats.rebuilt} rebuilt ({where})")

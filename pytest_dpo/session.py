@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -56,8 +57,28 @@ class DPOSession:
         self._failures: dict[str, str] = {}
         self._device: str | None = None
         self._baseline: EvalResult | None = None
+        self.lock_status: str | None = None
         cache_dir = (config.cache_dir or default_cache_dir) if config.use_cache else None
         self.cache = ScoreCache(cache_dir)
+
+    def check_lock(self, root: Path) -> str:
+        """Compare the eval set and the tokenizer with the lock file (relative paths resolve from `root`).
+
+        Returns what happened (`created`, `unchanged`, `updated`); raises
+        `ConfigError` with the drift and the fix when they changed.
+        """
+        from .lock import LockError, build_lock, check_lock
+        from .models import tokenizer_folder
+
+        path = root / (self.config.lock or "")
+        first = self.checkpoints[0]
+        tokenizer_dir = tokenizer_folder(first, resolve_reference(first, self.config.reference))
+        try:
+            current = build_lock(self.eval_set, tokenizer_dir)
+            current = dataclasses.replace(current, eval_set_path=_relative(Path(self.eval_set.path), root))
+            return check_lock(path, current, update=self.config.update_lock)
+        except LockError as error:
+            raise ConfigError(str(error)) from None
 
     def checkpoint(self, checkpoint_id: str) -> Checkpoint:
         return self._checkpoints[checkpoint_id]
@@ -160,6 +181,11 @@ class DPOSession:
             tokenizer_dir=tokenizer_folder(checkpoint, self.reference(checkpoint_id)),
             base_model=hub_base,
         )
+
+
+def _relative(path: Path, root: Path) -> str:
+    """`path` relative to `root`, so a committed lock file holds no machine-specific path."""
+    return Path(os.path.relpath(path.resolve(), root.resolve())).as_posix()
 
 
 def release_model(model: Any) -> None:
