@@ -112,18 +112,24 @@ def build_workload(workdir: Path, checkpoints: int, rows: int, vocab_size: int |
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
+    # Next to a Qwen2 config, transformers loads it as a Qwen2Tokenizer, which would add a pad token beyond the
+    # model's vocab; with pad = EOS (what TRL does anyway) it keeps its 512 tokens.
+    tokenizer.pad_token = tokenizer.eos_token
     vocab = vocab_size or len(tokenizer)
     base = workdir / "base"
-    manifest = {"shape": MODEL_SHAPE, "vocab_size": vocab, "noise": CHECKPOINT_NOISE, "format": 1}
+    manifest = {"shape": MODEL_SHAPE, "vocab_size": vocab, "noise": CHECKPOINT_NOISE, "format": 2}
     fresh = _read_json(workdir / "manifest.json") != manifest
     if fresh or not (base / "model.safetensors").exists():
         _remove_tree(workdir / "run")
+        for stale in workdir.glob("eval_*.jsonl"):
+            stale.unlink()
         save_model(new_base_model(tokenizer, vocab), tokenizer, base)
         (workdir / "manifest.json").write_text(json.dumps(manifest, indent=2))
     paths = [ensure_checkpoint(base, tokenizer, workdir / "run" / f"checkpoint-{k}", k) for k in range(1, checkpoints + 1)]
     eval_file = workdir / f"eval_{rows}.jsonl"
     if not eval_file.exists():
-        write_jsonl(eval_file, make_eval_rows(rows, tokenizer))
+        # Lengths are counted with the tokenizer both contestants load from the checkpoint folders.
+        write_jsonl(eval_file, make_eval_rows(rows, AutoTokenizer.from_pretrained(str(base))))
     parameters = sum(p.numel() for p in load_causal_lm(str(base), device="cpu", dtype=torch.float32).parameters())
     return Workload(base, paths, eval_file, parameters, vocab)
 

@@ -6,6 +6,7 @@ import json
 
 import huggingface_hub  # noqa: F401
 import pandas as pd
+import pandas.core.arrays.arrow.extension_types  # noqa: F401  (see test_the_same_rows_in_another_format_keep_the_lock)
 import peft  # noqa: F401
 import pytest
 import torch  # noqa: F401
@@ -52,6 +53,8 @@ def test_the_same_rows_in_another_format_keep_the_lock(pytester: pytest.Pytester
     options = [f"--dpo-checkpoint={FULL_RUN}/checkpoint-4", f"--dpo-reference={BASE}"]
     pytester.runpytest(*options, f"--dpo-eval-set={EVAL_STANDARD}").stdout.fnmatch_lines(["*lock dpo.lock: created"])
     pd.read_json(EVAL_STANDARD, lines=True).to_parquet(pytester.path / "eval.parquet")
+    # pandas registers its pyarrow extension types once per process; they are imported at the top of this
+    # module so that pytester's module snapshot never removes and re-imports them.
     result = pytester.runpytest(*options, "--dpo-eval-set=eval.parquet")
     result.stdout.fnmatch_lines(["eval-set lock dpo.lock: unchanged"])
 
