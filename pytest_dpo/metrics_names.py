@@ -14,13 +14,6 @@ METRIC_NAMES = (
     "mean_token_accuracy",
 )
 
-# The metrics that are means over examples, so they have confidence intervals (see stats.py).
-PER_EXAMPLE_METRICS = (
-    "loss",
-    "rewards/chosen",
-    "rewards/rejected",
-    "rewards/margins",
-    "rewards/accuracies",
-    "logps/chosen",
-    "logps/rejected",
-)
+# The first seven are means over examples, so they have confidence intervals (see stats.py); the
+# others are token-weighted.
+PER_EXAMPLE_METRICS = METRIC_NAMES[:7]
