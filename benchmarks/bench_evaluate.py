@@ -78,6 +78,8 @@ SEQUENCE_TOKENS = (30, 150)  # prompt + completion (BOS and EOS included) of eve
 CHECKPOINT_NOISE = 0.01  # checkpoint k = base + k * CHECKPOINT_NOISE * std(param) * noise
 DATA_SEED = 0
 IMPORT_RUNS = 5
+# Other processes on a 2-core machine slow torch's threads down many times over; above this, say so.
+BUSY_CORES = 0.25
 # TRL averages in fp32 per batch, we in fp64 over the set: differences of this size are rounding, not disagreement.
 PARITY_RELATIVE = 1e-5
 PARITY_ABSOLUTE = 1e-6
@@ -203,8 +205,9 @@ def _completion(completion: str | list[dict[str, str]]) -> str:
 def make_eval_rows(count: int, tokenizer: Any) -> list[dict[str, str]]:
     """`count` standard rows from the fixture rows: few-shot context before the prompt, longer completions.
 
-    Each sequence (BOS + prompt + completion + EOS) gets a target length drawn
-    from SEQUENCE_TOKENS; the prompt takes 20-60% of it.
+    Each row's prompt + chosen (BOS and EOS included) gets a target length
+    drawn from SEQUENCE_TOKENS, the prompt 20-60% of it; prompt + rejected
+    gets a length near that one.
     """
     rng = random.Random(DATA_SEED)
     triples = source_triples()
@@ -217,17 +220,22 @@ def make_eval_rows(count: int, tokenizer: Any) -> list[dict[str, str]]:
         low, high = SEQUENCE_TOKENS
         total = rng.randint(low, high)
         prompt = _grow(prompt, shots, int(total * rng.uniform(0.2, 0.6)), rng, length, before=True)
-        room = high - length(prompt) - 1
-        chosen_target = max(4, min(room, total - length(prompt)))
-        rejected_target = max(4, min(room, rng.randint(chosen_target // 2, chosen_target + 10)))
+        shortest = min(high, max(low, length(prompt) + 4))
+        rejected_total = rng.randint(total // 2, total + 20)
         rows.append(
             {
                 "prompt": prompt,
-                "chosen": _grow(chosen, sentences, chosen_target, rng, length, before=False, start=prompt),
-                "rejected": _grow(rejected, sentences, rejected_target, rng, length, before=False, start=prompt),
+                "chosen": _grow(chosen, sentences, _clamp(total, shortest, high), rng, length, before=False, start=prompt),
+                "rejected": _grow(
+                    rejected, sentences, _clamp(rejected_total, shortest, high), rng, length, before=False, start=prompt
+                ),
             }
         )
     return rows
+
+
+def _clamp(value: int, low: int, high: int) -> int:
+    return max(low, min(high, value))
 
 
 def _token_count(tokenizer: Any, text: str) -> int:
@@ -318,7 +326,9 @@ def timed_function(function: Callable[..., Any], into: dict[str, float], key: st
 
 # What evaluate_with_settings calls, by the name it looks up in pytest_dpo.evaluation at call time.
 BREAKDOWN_FUNCTIONS = (
+    "resolve_reference",
     "load_tokenizer",
+    "check_tokenizer",
     "tokenize_eval_set",
     "tokens_digest",
     "policy_fingerprint",
@@ -328,6 +338,7 @@ BREAKDOWN_FUNCTIONS = (
     "score",
     "build_per_example",
     "aggregate",
+    "_free_memory",
 )
 
 
@@ -565,11 +576,17 @@ def logits_summary(peak: int, full: int, vocab: int, tokenized: TokenizedEvalSet
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def measure_import_overhead(runs: int = IMPORT_RUNS) -> dict[str, Any]:
-    """`pytest --co` on a trivial test with the plugin vs `-p no:dpo`, interleaved so drift hits both alike."""
+def measure_import_overhead(pycache: Path, runs: int = IMPORT_RUNS) -> dict[str, Any]:
+    """`pytest --co` on a trivial test with the plugin vs `-p no:dpo`, interleaved so drift hits both alike.
+
+    Bytecode is cached (under `pycache`, outside the source tree) as in a normal install, even where
+    PYTHONDONTWRITEBYTECODE is set, so neither side pays for compiling modules on every run.
+    """
     with tempfile.TemporaryDirectory(prefix="bench-dpo-import-") as folder:
         Path(folder, "test_trivial.py").write_text("def test_nothing():\n    assert True\n")
-        env = {key: value for key, value in os.environ.items() if key != "PYTEST_ADDOPTS"}
+        skip = ("PYTEST_ADDOPTS", "PYTHONDONTWRITEBYTECODE")
+        env = {key: value for key, value in os.environ.items() if key not in skip}
+        env["PYTHONPYCACHEPREFIX"] = str(pycache)
         base = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--co", "-q"]
         commands = {"with_plugin": base, "without_plugin": [*base, "-p", "no:dpo"]}
         for command in commands.values():  # warm the file cache and bytecode first
@@ -678,6 +695,7 @@ def summarise(
     logits: dict[str, Any],
     imports: dict[str, Any],
     agreement: dict[str, Any],
+    loads: dict[str, float],
 ) -> dict[str, Any]:
     trl_total = sum(c.total_s for c in trl)
     lengths = sequence_lengths(tokenized)
@@ -691,6 +709,7 @@ def summarise(
     return {
         "machine": {
             "cpus": os.cpu_count(),
+            "other_processes_busy_cores": loads,
             "torch_threads": torch.get_num_threads(),
             "python": platform.python_version(),
             "versions": _versions(),
@@ -746,10 +765,13 @@ def render(summary: dict[str, Any]) -> str:
     ratios, met, logits, imports, agree = summary["ratios"], summary["met"], summary["logits"], summary["import"], summary["parity"]
     mark = {True: "✓", False: "✗"}
     lengths = w["sequence_tokens"]
+    busy = summary["machine"]["other_processes_busy_cores"]
     lines = [
         f"K={k} checkpoints, N={summary['settings']['rows']} rows, Qwen2 {w['parameters'] / 1e6:.2f}M params "
         f"(vocab {w['vocab_size']}), sequences {lengths['min']}-{lengths['max']} tokens (median {lengths['median']:g}), "
         f"batch {SETTINGS.batch_size}, fp32, {summary['machine']['cpus']} CPUs / {summary['machine']['torch_threads']} torch threads",
+        f"CPU cores busy with other processes: {busy['before']:.2f} before, {busy['after']:.2f} after"
+        + ("" if max(busy.values()) < BUSY_CORES else "  !! machine busy: timings are not reliable"),
         "",
         f"{'':38s}{'seconds':>9s}",
         f"{'TRL evaluate(), total':38s}{trl['total_s']:9.2f}",
@@ -831,6 +853,21 @@ def warm_up(workload: Workload, batches: list[tuple[torch.Tensor, torch.Tensor]]
         model(input_ids=batches[0][0], attention_mask=batches[0][1])
 
 
+def busy_cores(seconds: float = 1.0) -> float:
+    """How many cores other processes keep busy, from /proc/stat over `seconds` while this one sleeps."""
+    def busy_jiffies() -> tuple[int, int]:
+        values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        idle = values[3] + values[4]  # idle + iowait
+        return sum(values) - idle, sum(values)
+
+    if not Path("/proc/stat").exists():
+        return math.nan
+    busy_start, total_start = busy_jiffies()
+    time.sleep(seconds)
+    busy_end, total_end = busy_jiffies()
+    return (os.cpu_count() or 1) * (busy_end - busy_start) / max(1, total_end - total_start)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     quiet_libraries()
@@ -841,6 +878,7 @@ def main(argv: list[str] | None = None) -> None:
     tokenized = tokenized_workload(workload)
     batches = sorted_batches(tokenized)
     warm_up(workload, batches)
+    loads = {"before": busy_cores()}
     with tempfile.TemporaryDirectory(prefix="bench-dpo-", dir=workdir) as scratch_dir:
         scratch = Path(scratch_dir)
         print("a. TRL DPOTrainer.evaluate() per checkpoint ...", flush=True)
@@ -854,8 +892,9 @@ def main(argv: list[str] | None = None) -> None:
     print("e. peak logits ...", flush=True)
     logits = measure_logits_peak(workload, tokenized)
     print("f. plugin import overhead ...", flush=True)
-    imports = measure_import_overhead()
-    summary = summarise(workload, tokenized, trl, cold, warm, bare, logits, imports, parity(trl, cold))
+    imports = measure_import_overhead(workdir / "pycache")
+    loads["after"] = busy_cores()
+    summary = summarise(workload, tokenized, trl, cold, warm, bare, logits, imports, parity(trl, cold), loads)
     summary["benchmark_wall_s"] = time.perf_counter() - started
     output = workdir / f"results_k{args.checkpoints}_n{args.rows}.json"
     output.write_text(json.dumps(summary, indent=2, default=str))

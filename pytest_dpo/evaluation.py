@@ -109,8 +109,10 @@ def evaluate_with_settings(
     reference: str | Path | None,
     settings: DPOSettings,
     cache: ScoreCache | None = None,
+    progress: bool = False,
 ) -> EvalResult:
-    """`evaluate()` with the settings already gathered in a `DPOSettings`, and an optional score cache."""
+    """`evaluate()` with the settings already gathered in a `DPOSettings`, an optional score cache, and
+    optionally a progress bar on stderr (rows/s, ETA) while models score."""
     data = eval_set if isinstance(eval_set, EvalSet) else load_eval_set(eval_set)
     target = checkpoint if isinstance(checkpoint, Checkpoint) else _single_checkpoint(checkpoint)
     ref = resolve_reference(target, reference)
@@ -137,12 +139,21 @@ def evaluate_with_settings(
     }
     cached = {role: cache.get(key, len(tokenized.rows)) if cache else None for role, key in keys.items()}
     policy, reference_scores = cached["policy"], cached["reference"]
-    if ref.kind == "base" and (policy is None or reference_scores is None):
-        policy, reference_scores = _score_adapter_and_base(target, tokenized, device, dtype, scoring, policy, reference_scores)
-    if policy is None:
-        policy = _score_model(load_policy, target, tokenized, device, dtype, scoring)
-    if reference_scores is None:
-        reference_scores = _score_model(load_reference, ref, tokenized, device, dtype, scoring)
+    missing = sum(scores is None for scores in cached.values())
+    bar = _progress_bar(target.name, missing * len(tokenized.rows)) if progress and missing else None
+    scoring["on_batch"] = bar.update if bar is not None else None
+    try:
+        if ref.kind == "base" and (policy is None or reference_scores is None):
+            policy, reference_scores = _score_adapter_and_base(
+                target, tokenized, device, dtype, scoring, policy, reference_scores
+            )
+        if policy is None:
+            policy = _score_model(load_policy, target, tokenized, device, dtype, scoring)
+        if reference_scores is None:
+            reference_scores = _score_model(load_reference, ref, tokenized, device, dtype, scoring)
+    finally:
+        if bar is not None:
+            bar.close()
     if cache is not None:
         for role, scores in (("policy", policy), ("reference", reference_scores)):
             if cached[role] is None:
@@ -202,6 +213,14 @@ def _score_adapter_and_base(
     del model
     _free_memory()
     return policy, base
+
+
+def _progress_bar(name: str, rows: int) -> Any:
+    import sys
+
+    from tqdm import tqdm
+
+    return tqdm(total=rows, desc=f"scoring {name}", unit="rows", file=sys.stderr, leave=False, dynamic_ncols=True)
 
 
 def _free_memory() -> None:

@@ -8,6 +8,7 @@ Nothing here imports torch, transformers or peft: a pytest run that gives no
 from __future__ import annotations
 
 import dataclasses
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -77,9 +78,19 @@ def _start_session(config: pytest.Config, run_config: RunConfig) -> DPOSession:
         dpo_session = DPOSession(run_config, worker_index=int(worker[2:]) if worker else None, default_cache_dir=default_cache_dir)
         if run_config.lock and not worker:
             dpo_session.lock_status = dpo_session.check_lock(config.rootpath)
+        dpo_session.progress = _progress_context(config)
     except ConfigError as error:
         raise pytest.UsageError(str(error)) from None
     return dpo_session
+
+
+def _progress_context(config: pytest.Config) -> Any:
+    """How to show scoring progress on the real terminal, or None: quiet under -q, on workers, off a terminal."""
+    capture = config.pluginmanager.getplugin("capturemanager")
+    quiet = config.option.verbose < 0 or hasattr(config, "workerinput") or config.option.collectonly
+    if quiet or capture is None or not sys.__stderr__.isatty():
+        return None
+    return capture.global_and_fixture_disabled
 
 
 def _dpo_session(config: pytest.Config) -> DPOSession:

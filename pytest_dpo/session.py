@@ -7,10 +7,13 @@ or loaded.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import os
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager as ContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -58,6 +61,7 @@ class DPOSession:
         self._device: str | None = None
         self._baseline: EvalResult | None = None
         self.lock_status: str | None = None
+        self.progress: Callable[[], ContextManager[Any]] | None = None
         cache_dir = (config.cache_dir or default_cache_dir) if config.use_cache else None
         self.cache = ScoreCache(cache_dir)
 
@@ -109,9 +113,15 @@ class DPOSession:
         settings = dataclasses.replace(self.config.settings, device=self.device)
         started = time.perf_counter()
         try:
-            result = evaluate_with_settings(
-                self.checkpoint(checkpoint_id), self.eval_set, self.config.reference, settings, self.cache
-            )
+            with self.progress() if self.progress else contextlib.nullcontext():
+                result = evaluate_with_settings(
+                    self.checkpoint(checkpoint_id),
+                    self.eval_set,
+                    self.config.reference,
+                    settings,
+                    self.cache,
+                    progress=self.progress is not None,
+                )
         except Exception as error:
             self._failures[checkpoint_id] = f"{checkpoint_id}: evaluation failed: {type(error).__name__}: {error}"
             raise
