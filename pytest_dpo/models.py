@@ -370,15 +370,16 @@ TOKENIZER_FILES = (
 )
 
 
-def _tokenizer_candidates(checkpoint: Checkpoint, reference: Reference) -> list[str]:
+def _tokenizer_candidates(checkpoint: Checkpoint, reference: Reference | None) -> list[str]:
     candidates = [str(checkpoint.path)]
     if checkpoint.base_model:
         candidates.append(locate(checkpoint.base_model, checkpoint.path))
-    candidates.append(reference.base or reference.path)
+    if reference is not None:
+        candidates.append(reference.base or reference.path)
     return candidates
 
 
-def tokenizer_folder(checkpoint: Checkpoint, reference: Reference) -> Path | None:
+def tokenizer_folder(checkpoint: Checkpoint, reference: Reference | None) -> Path | None:
     """The local folder the checkpoint's tokenizer is read from: its own, else its base's or the reference's."""
     for candidate in _tokenizer_candidates(checkpoint, reference):
         folder = Path(candidate)

@@ -76,7 +76,11 @@ class DPOSession:
 
         path = root / (self.config.lock or "")
         first = self.checkpoints[0]
-        tokenizer_dir = tokenizer_folder(first, resolve_reference(first, self.config.reference))
+        try:
+            reference = resolve_reference(first, self.config.reference)
+        except CheckpointError:
+            reference = None  # reported when the checkpoint is evaluated; the tokenizer may still be its own
+        tokenizer_dir = tokenizer_folder(first, reference)
         try:
             current = build_lock(self.eval_set, tokenizer_dir)
             current = dataclasses.replace(current, eval_set_path=_relative(Path(self.eval_set.path), root))
