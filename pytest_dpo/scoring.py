@@ -175,7 +175,9 @@ def _completion_sums(
     targets = labels[positions]
     owner = positions[0]
     vocab = head.weight.shape[0]
-    chunk = max(1, LOGITS_BUDGET // (2 * vocab))
+    # Two chunk x vocab fp32 tensors are alive at once (logits, softmax): at most LOGITS_BUDGET elements, and
+    # at most 1/8 of the batch's full (batch x length x vocab) logits.
+    chunk = max(1, min(LOGITS_BUDGET // (2 * vocab), hidden.shape[0] * hidden.shape[1] // 16))
     sums = {name: torch.zeros(sequences, dtype=torch.float32, device=hidden.device) for name in ("logps", "logits", "entropy")}
     top1 = torch.zeros(sequences, dtype=torch.int64, device=hidden.device)
     for start in range(0, len(targets), chunk):

@@ -160,3 +160,30 @@ def test_cli_reports_bad_settings_as_a_usage_error(capsys: pytest.CaptureFixture
     code = main(["evaluate", str(FULL_RUN), "--eval-set", str(EVAL_STANDARD), "--beta", "0"])
     assert code == 2
     assert "beta must be > 0" in capsys.readouterr().err
+
+
+def test_lm_head_never_materialises_more_than_an_eighth_of_the_full_logits() -> None:
+    from transformers import AutoModelForCausalLM
+
+    from transformers import AutoTokenizer
+
+    from pytest_dpo.evalset import load_eval_set, tokenize_eval_set
+
+    model = AutoModelForCausalLM.from_pretrained(str(FULL_RUN / "checkpoint-4"))
+    tokenizer = AutoTokenizer.from_pretrained(str(FULL_RUN / "checkpoint-4"))
+    tokenized = tokenize_eval_set(load_eval_set(EVAL_STANDARD), tokenizer, 1024, "keep_start")
+    vocab = model.lm_head.weight.shape[0]
+    events: list[tuple[str, int]] = []
+    model.lm_head.register_forward_hook(lambda module, args, output: events.append(("chunk", output.numel())))
+    model.model.register_forward_hook(
+        lambda module, args, output: events.append(("batch", output.last_hidden_state.shape[0] * output.last_hidden_state.shape[1]))
+    )
+    score(model, tokenized, batch_size=8, max_length=1024, truncation_mode="keep_start")
+    full = 0
+    for kind, size in events:
+        if kind == "batch":
+            full = size * vocab
+        else:
+            # logits and their softmax are alive together: twice the chunk, against this batch's full logits
+            assert 2 * size <= full / 8, (size, full)
+    assert [kind for kind, _ in events].count("chunk") > [kind for kind, _ in events].count("batch")
