@@ -35,9 +35,10 @@ import contextlib  # noqa: E402
 import functools  # noqa: E402
 import io  # noqa: E402
 import json  # noqa: E402
-import math  # noqa: E402
 import platform  # noqa: E402
 import random  # noqa: E402
+import resource  # noqa: E402
+import shutil  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -56,7 +57,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from pytest_dpo import evaluation, scoring  # noqa: E402
 from pytest_dpo.cache import ScoreCache  # noqa: E402
-from pytest_dpo.evalset import EvalSet, TokenizedEvalSet, load_eval_set, tokenize_eval_set  # noqa: E402
+from pytest_dpo.evalset import TokenizedEvalSet, load_eval_set, tokenize_eval_set  # noqa: E402
 from pytest_dpo.metrics_names import METRIC_NAMES  # noqa: E402
 from pytest_dpo.models import Checkpoint, discover_checkpoints, load_causal_lm  # noqa: E402
 from pytest_dpo.results import EvalResult, PerExample  # noqa: E402
@@ -75,14 +76,18 @@ MODEL_SHAPE = {
     "intermediate_size": 688,
 }
 SEQUENCE_TOKENS = (30, 150)  # prompt + completion (BOS and EOS included) of every sequence
-CHECKPOINT_NOISE = 0.01  # checkpoint k = base + k * CHECKPOINT_NOISE * std(param) * noise
+CHECKPOINT_NOISE = 0.05  # checkpoint k = base + k * CHECKPOINT_NOISE * std(param) * noise
 DATA_SEED = 0
 IMPORT_RUNS = 5
 # Other processes on a 2-core machine slow torch's threads down many times over; above this, say so.
 BUSY_CORES = 0.25
-# TRL averages in fp32 per batch, we in fp64 over the set: differences of this size are rounding, not disagreement.
+# fp32 rounding, not disagreement: sequence log-probs of a few hundred nats agree to ~1e-6 relative, so rewards
+# (beta x differences of them) and their means agree to ~1e-5 absolute; metrics are compared relatively above 1.
 PARITY_RELATIVE = 1e-5
-PARITY_ABSOLUTE = 1e-6
+PARITY_ABSOLUTE = 1e-5
+# A reward margin this close to 0 is within fp32 rounding of the log-probs: its accuracy decision is a coin flip.
+TIE_MARGIN = 1e-4
+CONTINUOUS_METRICS = tuple(name for name in METRIC_NAMES if name != "rewards/accuracies")
 # A realistic vocab, to project the chunked LM head's saving beyond this benchmark's tiny vocab.
 PROJECTED_VOCAB = 151_936  # Qwen2
 
@@ -119,10 +124,17 @@ def build_workload(workdir: Path, checkpoints: int, rows: int, vocab_size: int |
     tokenizer.pad_token = tokenizer.eos_token
     vocab = vocab_size or len(tokenizer)
     base = workdir / "base"
-    manifest = {"shape": MODEL_SHAPE, "vocab_size": vocab, "noise": CHECKPOINT_NOISE, "format": 2}
-    fresh = _read_json(workdir / "manifest.json") != manifest
+    manifest = {
+        "shape": MODEL_SHAPE,
+        "vocab_size": vocab,
+        "noise": CHECKPOINT_NOISE,
+        "sequence_tokens": SEQUENCE_TOKENS,
+        "seed": DATA_SEED,
+        "format": 2,
+    }
+    fresh = _read_json(workdir / "manifest.json") != json.loads(json.dumps(manifest))
     if fresh or not (base / "model.safetensors").exists():
-        _remove_tree(workdir / "run")
+        shutil.rmtree(workdir / "run", ignore_errors=True)
         for stale in workdir.glob("eval_*.jsonl"):
             stale.unlink()
         save_model(new_base_model(tokenizer, vocab), tokenizer, base)
@@ -273,12 +285,6 @@ def _read_json(path: Path) -> Any:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def _remove_tree(path: Path) -> None:
-    import shutil
-
-    shutil.rmtree(path, ignore_errors=True)
-
-
 def tokenized_workload(workload: Workload) -> TokenizedEvalSet:
     from transformers import AutoTokenizer
 
@@ -286,9 +292,24 @@ def tokenized_workload(workload: Workload) -> TokenizedEvalSet:
     return tokenize_eval_set(load_eval_set(workload.eval_file), tokenizer, SETTINGS.max_length, SETTINGS.truncation_mode)
 
 
+def sequence_pairs(tokenized: TokenizedEvalSet) -> list[tuple[list[int], ...]]:
+    """Each row's (chosen ids, chosen mask, rejected ids, rejected mask), truncated as both contestants do."""
+    return [scoring.sequence_pair(row, SETTINGS.max_length, SETTINGS.truncation_mode) for row in tokenized.rows]
+
+
 def sequence_lengths(tokenized: TokenizedEvalSet) -> list[int]:
-    pairs = [scoring.sequence_pair(row, SETTINGS.max_length, SETTINGS.truncation_mode) for row in tokenized.rows]
-    return [len(ids) for pair in pairs for ids in (pair[0], pair[2])]
+    return [len(ids) for pair in sequence_pairs(tokenized) for ids in (pair[0], pair[2])]
+
+
+def padded_tokens(tokenized: TokenizedEvalSet, *, sort: bool) -> int:
+    """Token positions a model runs over with batches of `batch_size` rows padded to their longest sequence:
+    in eval-set order (TRL's eval loader) or sorted by length (pytest-dpo, the bare loop)."""
+    lengths = sequence_lengths(tokenized)
+    longest = [max(lengths[2 * i], lengths[2 * i + 1]) for i in range(len(lengths) // 2)]
+    if sort:
+        longest.sort(reverse=True)
+    size = SETTINGS.batch_size
+    return sum(2 * len(longest[i : i + size]) * max(longest[i : i + size]) for i in range(0, len(longest), size))
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -419,7 +440,8 @@ def trl_checkpoint(checkpoint: Path, workload: Workload, rows: list[dict[str, An
 def trl_per_example_logps(trainer: Any) -> dict[str, torch.Tensor]:
     """TRL's own per-example log-probs (untimed), through `compute_ref_log_probs` as tests/trl_reference.py does."""
     prepared = trainer.eval_dataset
-    out: dict[str, list[torch.Tensor]] = {key: [] for key in ("policy_chosen", "policy_rejected", "reference_chosen", "reference_rejected")}
+    keys = ("policy_chosen", "policy_rejected", "reference_chosen", "reference_rejected")
+    out: dict[str, list[torch.Tensor]] = {key: [] for key in keys}
     trainer.model.eval()
     for start in range(0, len(prepared), SETTINGS.batch_size):
         batch = trainer.data_collator([prepared[i] for i in range(start, min(start + SETTINGS.batch_size, len(prepared)))])
@@ -482,19 +504,12 @@ def sweep_checkpoints(workload: Workload) -> list[Checkpoint]:
 
 
 def sorted_batches(tokenized: TokenizedEvalSet) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Input ids and attention masks: rows sorted by length, a row's chosen and rejected in the same batch."""
-    pairs = [scoring.sequence_pair(row, SETTINGS.max_length, SETTINGS.truncation_mode) for row in tokenized.rows]
-    order = sorted(range(len(pairs)), key=lambda i: -max(len(pairs[i][0]), len(pairs[i][2])))
+    """Input ids and attention masks, built before timing: rows sorted by length, a row's chosen and rejected
+    in the same batch (pytest-dpo's own batching, so both run over exactly the same padded tensors)."""
+    pairs = sequence_pairs(tokenized)
     batches = []
-    for start in range(0, len(order), SETTINGS.batch_size):
-        chunk = [pairs[i] for i in order[start : start + SETTINGS.batch_size]]
-        sequences = [pair[0] for pair in chunk] + [pair[2] for pair in chunk]
-        width = max(map(len, sequences))
-        ids = torch.zeros(len(sequences), width, dtype=torch.long)
-        attention = torch.zeros_like(ids)
-        for i, sequence in enumerate(sequences):
-            ids[i, : len(sequence)] = torch.tensor(sequence)
-            attention[i, : len(sequence)] = 1
+    for rows in scoring._batches_by_length(pairs, SETTINGS.batch_size):
+        ids, attention, _ = scoring._collate([pairs[i] for i in rows], torch.device("cpu"))
         batches.append((ids, attention))
     return batches
 
@@ -533,41 +548,58 @@ class RecordingHead:
         return logits
 
 
-def measure_logits_peak(workload: Workload, tokenized: TokenizedEvalSet) -> dict[str, Any]:
-    """Largest logits chunk pytest-dpo builds vs the fp32 B x T x V logits of its largest batch."""
-    record: dict[str, int] = {}
+@contextlib.contextmanager
+def recording_logits(record: dict[str, int]) -> Iterator[None]:
+    """Within: every `_completion_sums` call records its batch's full logits size and its largest logits chunk."""
     original = scoring._completion_sums
 
     def recording_sums(hidden: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, head: Any, transform: Any) -> Any:
-        vocab = head.weight.shape[0]
-        full = hidden.shape[0] * (hidden.shape[1] + 1) * vocab  # the model's logits cover every position
+        full = hidden.shape[0] * (hidden.shape[1] + 1) * head.weight.shape[0]  # the model's logits cover every position
         record["full_elements"] = max(record.get("full_elements", 0), full)
         return original(hidden, labels, mask, RecordingHead(head, record), transform)
 
-    model = load_causal_lm(str(workload.checkpoints[0]), device="cpu", dtype=torch.float32)
     with patched(scoring, "_completion_sums", recording_sums):
+        yield
+
+
+def measure_logits_peak(workload: Workload, tokenized: TokenizedEvalSet) -> dict[str, Any]:
+    """Largest logits chunk pytest-dpo builds vs the fp32 B x T x V logits of its largest batch: scoring the eval
+    set with the benchmark model, and the largest batch through a head of a realistic vocab."""
+    record: dict[str, int] = {}
+    model = load_causal_lm(str(workload.checkpoints[0]), device="cpu", dtype=torch.float32)
+    with recording_logits(record):
         scoring.score(model, tokenized, batch_size=SETTINGS.batch_size, max_length=SETTINGS.max_length,
                       truncation_mode=SETTINGS.truncation_mode)
-    return logits_summary(record["peak_elements"], record["full_elements"], workload.vocab_size, tokenized)
+    measured = logits_summary(record, workload.vocab_size)
+    return {**measured, "at_projected_vocab": projected_logits_peak(tokenized, model.config.hidden_size)}
 
 
-def logits_summary(peak: int, full: int, vocab: int, tokenized: TokenizedEvalSet) -> dict[str, Any]:
-    chunk_tokens = max(1, scoring.LOGITS_BUDGET // (2 * vocab))
-    longest = max(sequence_lengths(tokenized))
-    projected_chunk = max(1, scoring.LOGITS_BUDGET // (2 * PROJECTED_VOCAB)) * PROJECTED_VOCAB
-    projected_full = 2 * SETTINGS.batch_size * longest * PROJECTED_VOCAB
+def projected_logits_peak(tokenized: TokenizedEvalSet, hidden_size: int) -> dict[str, Any]:
+    """The largest length-sorted batch through `_completion_sums` with a PROJECTED_VOCAB-sized head (random
+    hidden states: only the shapes matter)."""
+    pairs = sequence_pairs(tokenized)
+    first = next(scoring._batches_by_length(pairs, SETTINGS.batch_size))
+    ids, _, completion = scoring._collate([pairs[i] for i in first], torch.device("cpu"))
+    generator = torch.Generator().manual_seed(DATA_SEED)
+    hidden = torch.randn(ids.shape[0], ids.shape[1] - 1, hidden_size, generator=generator)
+    labels = torch.randint(PROJECTED_VOCAB, (ids.shape[0], ids.shape[1] - 1), generator=generator)
+    head = torch.nn.Linear(hidden_size, PROJECTED_VOCAB, bias=False)
+    record: dict[str, int] = {}
+    with torch.inference_mode(), recording_logits(record):
+        scoring._completion_sums(hidden, labels, completion[:, 1:].bool(), head, scoring.LogitTransform())
+    return logits_summary(record, PROJECTED_VOCAB)
+
+
+def logits_summary(record: dict[str, int], vocab: int) -> dict[str, Any]:
+    peak, full = record["peak_elements"], record["full_elements"]
     return {
         "vocab": vocab,
-        "chunk_tokens": chunk_tokens,
+        "chunk_tokens": peak // vocab,
         "peak_elements": peak,
         "full_elements": full,
         "peak_mib": peak * 4 / 2**20,
         "full_mib": full * 4 / 2**20,
         "ratio": peak / full,
-        "projected_vocab": PROJECTED_VOCAB,
-        "projected_ratio": min(1.0, projected_chunk / projected_full),
-        "projected_peak_mib": projected_chunk * 4 / 2**20,
-        "projected_full_mib": projected_full * 4 / 2**20,
     }
 
 
@@ -589,6 +621,7 @@ def measure_import_overhead(pycache: Path, runs: int = IMPORT_RUNS) -> dict[str,
         env["PYTHONPYCACHEPREFIX"] = str(pycache)
         base = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--co", "-q"]
         commands = {"with_plugin": base, "without_plugin": [*base, "-p", "no:dpo"]}
+        _check_plugin_switch(commands, folder, env)
         for command in commands.values():  # warm the file cache and bytecode first
             _run_seconds(command, folder, env)
         samples: dict[str, list[float]] = {name: [] for name in commands}
@@ -602,6 +635,14 @@ def measure_import_overhead(pycache: Path, runs: int = IMPORT_RUNS) -> dict[str,
         "overhead_ms": medians["with_plugin"] - medians["without_plugin"],
         "samples_ms": {name: [v * 1000 for v in values] for name, values in samples.items()},
     }
+
+
+def _check_plugin_switch(commands: dict[str, list[str]], cwd: str, env: dict[str, str]) -> None:
+    """Make sure the two commands differ by the plugin: its options are there with it and gone without it."""
+    for name, expected in (("with_plugin", True), ("without_plugin", False)):
+        shown = subprocess.run([*commands[name], "--help"], cwd=cwd, env=env, capture_output=True, text=True).stdout
+        if ("--dpo-checkpoint" in shown) != expected:
+            raise RuntimeError(f"{name}: pytest-dpo is {'not ' if expected else ''}loaded; check the entry point 'dpo'.")
 
 
 def _run_seconds(command: list[str], cwd: str, env: dict[str, str]) -> float:
@@ -654,30 +695,63 @@ def relative_difference(ours: float, theirs: float) -> float:
 
 
 def parity(trl: list[TrlCheckpoint], dpo: DpoRun) -> dict[str, Any]:
-    """Largest disagreements over all checkpoints: replayed batch metrics, whole-set metrics, per-example logps."""
-    replayed, whole_set, logps = [], [], []
+    """Largest disagreements over all checkpoints: replayed batch metrics, whole-set metrics, per-example logps,
+    and rows whose chosen-vs-rejected decision differs (a margin within rounding of 0 can land on either side)."""
+    replayed: list[tuple[float, str]] = []
+    whole_set: list[tuple[float, str]] = []
+    logps: list[tuple[float, float, str]] = []
+    flips: list[float] = []
+    accuracy: list[tuple[float, str]] = []
     for checkpoint in trl:
         result = dpo.results[checkpoint.name]
         batch_means = trl_batch_metrics(result.per_example, SETTINGS.batch_size)
-        for name in METRIC_NAMES:
-            replayed.append((relative_difference(batch_means[name], checkpoint.metrics[name]), checkpoint.name, name))
-            whole_set.append((relative_difference(result.metrics[name], checkpoint.metrics[name]), checkpoint.name, name))
-        for key, theirs in checkpoint.logps.items():
-            ours = getattr(result.per_example, f"{key}_logps")
-            difference = (ours - theirs).abs()
-            logps.append((difference.max().item(), (difference / theirs.abs().clamp(min=1e-6)).max().item(), checkpoint.name, key))
+        replayed += _metric_differences(batch_means, checkpoint, CONTINUOUS_METRICS)
+        accuracy += _metric_differences(batch_means, checkpoint, ("rewards/accuracies",))
+        whole_set += _metric_differences(result.metrics, checkpoint, METRIC_NAMES)
+        logps += _logp_differences(result.per_example, checkpoint)
+        flips += _decision_flips(result.per_example, checkpoint)
     worst_replayed, worst_whole, worst_logps = max(replayed), max(whole_set), max(logps)
+    # An accuracy may differ only through rows whose margin is a rounding-level tie.
+    accuracy_ok = max(accuracy)[0] <= PARITY_RELATIVE or (flips and max(flips) < TIE_MARGIN)
     return {
         "metrics_max_relative": worst_replayed[0],
-        "metrics_worst": f"{worst_replayed[1]} {worst_replayed[2]}",
-        "metrics_match": worst_replayed[0] <= PARITY_RELATIVE,
+        "metrics_worst": worst_replayed[1],
+        "accuracy_max_difference": max(accuracy)[0],
+        "accuracy_flipped_rows": len(flips),
+        "accuracy_flipped_max_margin": max(flips, default=0.0),
+        "match": worst_replayed[0] <= PARITY_RELATIVE
+        and max(entry[1] for entry in logps) <= PARITY_RELATIVE
+        and bool(accuracy_ok),
         "whole_set_max_relative": worst_whole[0],
-        "whole_set_worst": f"{worst_whole[1]} {worst_whole[2]}",
+        "whole_set_worst": worst_whole[1],
         "logps_max_abs": worst_logps[0],
         "logps_max_relative": max(entry[1] for entry in logps),
-        "logps_worst": f"{worst_logps[2]} {worst_logps[3]}",
-        "tolerance": {"relative": PARITY_RELATIVE, "absolute": PARITY_ABSOLUTE},
+        "logps_worst": worst_logps[2],
+        "tolerance": {"relative": PARITY_RELATIVE, "absolute": PARITY_ABSOLUTE, "tie_margin": TIE_MARGIN},
     }
+
+
+def _metric_differences(ours: dict[str, float], trl: TrlCheckpoint, names: tuple[str, ...]) -> list[tuple[float, str]]:
+    return [(relative_difference(ours[name], trl.metrics[name]), f"{trl.name} {name}") for name in names]
+
+
+def _logp_differences(p: PerExample, trl: TrlCheckpoint) -> list[tuple[float, float, str]]:
+    differences = []
+    for key, theirs in trl.logps.items():
+        difference = (getattr(p, f"{key}_logps") - theirs).abs()
+        relative = (difference / theirs.abs().clamp(min=1e-6)).max().item()
+        differences.append((difference.max().item(), relative, f"{trl.name} {key}"))
+    return differences
+
+
+def _decision_flips(p: PerExample, trl: TrlCheckpoint) -> list[float]:
+    """|our margin| of each row where TRL's `chosen_rewards > rejected_rewards` (from its own logps) differs from ours."""
+    beta = SETTINGS.beta
+    theirs = beta * (trl.logps["policy_chosen"] - trl.logps["reference_chosen"]) > beta * (
+        trl.logps["policy_rejected"] - trl.logps["reference_rejected"]
+    )
+    ours = p.chosen_rewards > p.rejected_rewards
+    return p.margins[ours != theirs].abs().tolist()
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -695,7 +769,7 @@ def summarise(
     logits: dict[str, Any],
     imports: dict[str, Any],
     agreement: dict[str, Any],
-    loads: dict[str, float],
+    other_cores: float,
 ) -> dict[str, Any]:
     trl_total = sum(c.total_s for c in trl)
     lengths = sequence_lengths(tokenized)
@@ -709,10 +783,11 @@ def summarise(
     return {
         "machine": {
             "cpus": os.cpu_count(),
-            "other_processes_busy_cores": loads,
+            "other_processes_busy_cores": other_cores,
             "torch_threads": torch.get_num_threads(),
             "python": platform.python_version(),
             "versions": _versions(),
+            "pytest_dpo_commit": _git_describe(),
         },
         "settings": {**SETTINGS.to_dict(), "checkpoints": len(workload.checkpoints), "rows": len(tokenized.rows)},
         "workload": {
@@ -721,6 +796,10 @@ def summarise(
             "sequence_tokens": {"min": min(lengths), "median": statistics.median(lengths), "max": max(lengths)},
             "sequences_per_model": len(lengths),
             "tokens_per_model": sum(lengths),
+            "padded_tokens_per_model": {
+                "eval_order (TRL)": padded_tokens(tokenized, sort=False),
+                "length_sorted (pytest-dpo, bare)": padded_tokens(tokenized, sort=True),
+            },
         },
         "trl": {
             "total_s": trl_total,
@@ -759,10 +838,20 @@ def _versions() -> dict[str, str]:
     return {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__}
 
 
+def _git_describe() -> str:
+    """The commit measured, and whether pytest_dpo had uncommitted edits (others edit it concurrently)."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(REPO_ROOT), *args], capture_output=True, text=True).stdout.strip()
+
+    edits = " + uncommitted pytest_dpo edits" if git("status", "--porcelain", "--", "pytest_dpo") else ""
+    return (git("rev-parse", "--short", "HEAD") or "unknown") + edits
+
+
 def render(summary: dict[str, Any]) -> str:
     k = summary["settings"]["checkpoints"]
     w, trl, cold, warm, bare = (summary[key] for key in ("workload", "trl", "pytest_dpo_cold", "pytest_dpo_warm", "bare"))
     ratios, met, logits, imports, agree = summary["ratios"], summary["met"], summary["logits"], summary["import"], summary["parity"]
+    projected = logits["at_projected_vocab"]
     mark = {True: "✓", False: "✗"}
     lengths = w["sequence_tokens"]
     busy = summary["machine"]["other_processes_busy_cores"]
@@ -770,8 +859,9 @@ def render(summary: dict[str, Any]) -> str:
         f"K={k} checkpoints, N={summary['settings']['rows']} rows, Qwen2 {w['parameters'] / 1e6:.2f}M params "
         f"(vocab {w['vocab_size']}), sequences {lengths['min']}-{lengths['max']} tokens (median {lengths['median']:g}), "
         f"batch {SETTINGS.batch_size}, fp32, {summary['machine']['cpus']} CPUs / {summary['machine']['torch_threads']} torch threads",
-        f"CPU cores busy with other processes: {busy['before']:.2f} before, {busy['after']:.2f} after"
-        + ("" if max(busy.values()) < BUSY_CORES else "  !! machine busy: timings are not reliable"),
+        f"pytest_dpo at {summary['machine']['pytest_dpo_commit']}; "
+        f"cores kept busy by other processes while measuring: {busy:.2f}"
+        + ("" if busy < BUSY_CORES else "  !! machine busy: timings are not reliable"),
         "",
         f"{'':38s}{'seconds':>9s}",
         f"{'TRL evaluate(), total':38s}{trl['total_s']:9.2f}",
@@ -790,17 +880,21 @@ def render(summary: dict[str, Any]) -> str:
         _ratio_line("peak logits / full B*T*V logits", logits["ratio"], "<= 0.125", met["logits peak ratio"], mark),
         _ratio_line("plugin import overhead (ms)", imports["overhead_ms"], "<= 50", met["import overhead ms"], mark, ".1f"),
         "",
-        f"peak logits: {logits['peak_elements']:,} vs {logits['full_elements']:,} fp32 elements "
-        f"({logits['peak_mib']:.2f} vs {logits['full_mib']:.2f} MiB; chunk {logits['chunk_tokens']:,} tokens at vocab {logits['vocab']}); "
-        f"projected at vocab {logits['projected_vocab']:,}: {logits['projected_peak_mib']:.0f} vs {logits['projected_full_mib']:.0f} MiB "
-        f"= {logits['projected_ratio']:.4f}",
+        f"peak logits: {logits['peak_mib']:.2f} vs {logits['full_mib']:.2f} MiB fp32 (largest chunk {logits['chunk_tokens']:,} "
+        f"tokens x vocab {logits['vocab']:,}); largest batch through a {projected['vocab']:,}-vocab head: "
+        f"{projected['peak_mib']:.1f} vs {projected['full_mib']:.0f} MiB = {projected['ratio']:.4f}",
         f"pytest --co: {imports['with_plugin_ms']:.0f} ms with the plugin, {imports['without_plugin_ms']:.0f} ms with -p no:dpo "
         f"(median of {IMPORT_RUNS})",
         f"cache: cold {cold['cache_hits']} hits / {cold['cache_misses']} misses, warm {warm['cache_hits']} hits / {warm['cache_misses']} misses",
-        f"parity with TRL (batch {SETTINGS.batch_size}, batch means replayed from our per-example arrays): "
-        f"max rel {agree['metrics_max_relative']:.2e} ({agree['metrics_worst']}) {mark[agree['metrics_match']]}; "
-        f"per-example logps max |diff| {agree['logps_max_abs']:.2e} (rel {agree['logps_max_relative']:.2e}); "
-        f"our whole-set means vs TRL's batch means: max rel {agree['whole_set_max_relative']:.2e} ({agree['whole_set_worst']})",
+        f"parity with TRL {mark[agree['match']]} (tolerance {PARITY_RELATIVE:g} relative, {PARITY_ABSOLUTE:g} absolute below 1):",
+        f"  metrics vs TRL's batch-{SETTINGS.batch_size} means replayed from our per-example arrays: "
+        f"max diff {agree['metrics_max_relative']:.1e} ({agree['metrics_worst']}); "
+        f"rewards/accuracies max diff {agree['accuracy_max_difference']:.1e}, "
+        f"rows whose decision differs: {agree['accuracy_flipped_rows']}"
+        + (f" (|margin| <= {agree['accuracy_flipped_max_margin']:.1e})" if agree["accuracy_flipped_rows"] else ""),
+        f"  per-example logps: max |ours - TRL| {agree['logps_max_abs']:.1e} nats, max rel {agree['logps_max_relative']:.1e}",
+        f"  our whole-set means vs TRL's batch means: max diff {agree['whole_set_max_relative']:.1e} ({agree['whole_set_worst']}): "
+        "TRL averages batch means, token-weighted metrics per batch",
         "cold breakdown (s): " + ", ".join(f"{name} {seconds:.2f}" for name, seconds in _largest(cold["breakdown_s"])),
     ]
     return "\n".join(lines)
@@ -853,19 +947,23 @@ def warm_up(workload: Workload, batches: list[tuple[torch.Tensor, torch.Tensor]]
         model(input_ids=batches[0][0], attention_mask=batches[0][1])
 
 
-def busy_cores(seconds: float = 1.0) -> float:
-    """How many cores other processes keep busy, from /proc/stat over `seconds` while this one sleeps."""
-    def busy_jiffies() -> tuple[int, int]:
-        values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-        idle = values[3] + values[4]  # idle + iowait
-        return sum(values) - idle, sum(values)
+def cpu_seconds() -> tuple[float, float]:
+    """Busy CPU seconds of the whole machine (/proc/stat) and of this process with its finished children."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    machine = (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
+    own = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    return machine, sum(usage.ru_utime + usage.ru_stime for usage in own)
 
-    if not Path("/proc/stat").exists():
-        return math.nan
-    busy_start, total_start = busy_jiffies()
-    time.sleep(seconds)
-    busy_end, total_end = busy_jiffies()
-    return (os.cpu_count() or 1) * (busy_end - busy_start) / max(1, total_end - total_start)
+
+@contextlib.contextmanager
+def other_processes_load(into: dict[str, float]) -> Iterator[None]:
+    """Within: the mean number of cores other processes kept busy (the machine's busy time minus ours)."""
+    start_wall, (start_machine, start_own) = time.perf_counter(), cpu_seconds()
+    try:
+        yield
+    finally:
+        machine, own = cpu_seconds()
+        into["cores"] = max(0.0, (machine - start_machine) - (own - start_own)) / (time.perf_counter() - start_wall)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -878,23 +976,21 @@ def main(argv: list[str] | None = None) -> None:
     tokenized = tokenized_workload(workload)
     batches = sorted_batches(tokenized)
     warm_up(workload, batches)
-    loads = {"before": busy_cores()}
-    with tempfile.TemporaryDirectory(prefix="bench-dpo-", dir=workdir) as scratch_dir:
-        scratch = Path(scratch_dir)
+    load: dict[str, float] = {}
+    with other_processes_load(load), tempfile.TemporaryDirectory(prefix="bench-dpo-", dir=workdir) as scratch:
         print("a. TRL DPOTrainer.evaluate() per checkpoint ...", flush=True)
-        trl = run_trl(workload, scratch)
+        trl = run_trl(workload, Path(scratch))
         print("b. pytest-dpo cold ...", flush=True)
-        cold = run_pytest_dpo(workload, scratch / "cache")
+        cold = run_pytest_dpo(workload, Path(scratch) / "cache")
         print("c. pytest-dpo warm ...", flush=True)
-        warm = run_pytest_dpo(workload, scratch / "cache")
-    print("d. bare forward passes ...", flush=True)
-    bare = run_bare(workload, batches)
-    print("e. peak logits ...", flush=True)
-    logits = measure_logits_peak(workload, tokenized)
-    print("f. plugin import overhead ...", flush=True)
-    imports = measure_import_overhead(workdir / "pycache")
-    loads["after"] = busy_cores()
-    summary = summarise(workload, tokenized, trl, cold, warm, bare, logits, imports, parity(trl, cold), loads)
+        warm = run_pytest_dpo(workload, Path(scratch) / "cache")
+        print("d. bare forward passes ...", flush=True)
+        bare = run_bare(workload, batches)
+        print("e. peak logits ...", flush=True)
+        logits = measure_logits_peak(workload, tokenized)
+        print("f. plugin import overhead ...", flush=True)
+        imports = measure_import_overhead(workdir / "pycache")
+    summary = summarise(workload, tokenized, trl, cold, warm, bare, logits, imports, parity(trl, cold), load["cores"])
     summary["benchmark_wall_s"] = time.perf_counter() - started
     output = workdir / f"results_k{args.checkpoints}_n{args.rows}.json"
     output.write_text(json.dumps(summary, indent=2, default=str))
