@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from .gates import Gate, GateError, parse_gates
-from .settings import DPOSettings, SettingsError
+from .samples import GenerationError, GenerationSettings
+from .settings import FLAG_SETTINGS, DPOSettings, SettingsError
 
 
 class ConfigError(ValueError):
@@ -81,13 +82,27 @@ RUN_OPTIONS = (
         ini_key="dpo_gates",
     ),
 )
-SETTING_OPTIONS = tuple(OptionSpec(f.name, f.metadata["help"]) for f in fields(DPOSettings))
+SETTING_OPTIONS = tuple(
+    OptionSpec(f.name, f.metadata["help"], ini_type="bool", is_flag=True)
+    if f.name in FLAG_SETTINGS
+    else OptionSpec(f.name, f.metadata["help"])
+    for f in fields(DPOSettings)
+)
 LOCK_OPTIONS = (
     OptionSpec("lock", "eval-set lock file (default: dpo.lock in the rootdir; 'none' turns the lock off)"),
     OptionSpec("update_lock", "accept a changed eval set or tokenizer and rewrite the lock", ini_type="bool", is_flag=True),
 )
 REPORT_OPTIONS = (
     OptionSpec("report", "write dpo_report.json, dpo_per_example.json, dpo_summary.md and dpo_metrics.png here"),
+    OptionSpec("samples", "generate completions of the policy and the reference for the first N eval prompts (default 0)"),
+    OptionSpec(
+        "generation",
+        "a generation setting for --dpo-samples as key=value (GenerationConfig fields, e.g. max_new_tokens=32, "
+        "do_sample=true, temperature=0.7, seed=1; default greedy, 64 new tokens), one per line in the ini file; "
+        "repeatable",
+        ini_type="linelist",
+        repeatable=True,
+    ),
 )
 CACHE_OPTIONS = (
     OptionSpec("cache_dir", "keep per-example scores here across runs (default: under pytest's cache dir, .pytest_cache)"),
@@ -141,6 +156,8 @@ class RunConfig:
     baseline: str | None = None
     lock: str | None = "dpo.lock"
     update_lock: bool = False
+    samples: int = 0
+    generation: GenerationSettings = GenerationSettings()
 
     @property
     def active(self) -> bool:
@@ -195,11 +212,31 @@ def read_run_config(
         baseline=_ini_relative(option("dpo_baseline"), ini("dpo_baseline"), ini_dir),
         lock=_lock_path(option("dpo_lock") or ini("dpo_lock") or "dpo.lock"),
         update_lock=bool(option("dpo_update_lock") or ini("dpo_update_lock")),
+        samples=_sample_count(option("dpo_samples") or ini("dpo_samples") or "0"),
+        generation=_generation(option, ini),
     )
     if config.active and config.eval_set is None:
         spec = next(s for s in RUN_OPTIONS if s.name == "eval_set")
         raise ConfigError(f"{spec.both}: no eval set given. Pass the frozen preference eval set the checkpoints are scored on.")
     return config
+
+
+def _sample_count(text: str) -> int:
+    try:
+        count = int(text)
+    except ValueError:
+        count = -1
+    if count < 0:
+        raise ConfigError(f"--dpo-samples / dpo_samples: {text!r} is not a count. Give how many prompts to sample, e.g. 4.")
+    return count
+
+
+def _generation(option: Callable[[str], Any], ini: Callable[[str], Any]) -> GenerationSettings:
+    lines, source = (option("dpo_generation"), "--dpo-generation") if option("dpo_generation") else (ini("dpo_generation"), "dpo_generation")
+    try:
+        return GenerationSettings.from_lines(lines or [], source)
+    except GenerationError as error:
+        raise ConfigError(str(error)) from None
 
 
 def _lock_path(value: str) -> str | None:

@@ -26,7 +26,16 @@ if TYPE_CHECKING:
     from .session import DPOSession
 
 DPO_FIXTURES = frozenset(
-    {"dpo_checkpoint", "dpo_result", "dpo_metrics", "dpo_model", "dpo_reference_model", "dpo_tokenizer", "dpo_eval_set"}
+    {
+        "dpo_checkpoint",
+        "dpo_result",
+        "dpo_metrics",
+        "dpo_model",
+        "dpo_reference_model",
+        "dpo_tokenizer",
+        "dpo_eval_set",
+        "dpo_samples",
+    }
 )
 CHECKPOINT_PROPERTY = "dpo_checkpoint"
 _SESSION = pytest.StashKey["DPOSession | None"]()
@@ -163,6 +172,7 @@ class ActiveRun:
         self.dpo_session = dpo_session
         self.verdicts = config.stash[_VERDICTS]
         self.results: dict[str, EvalResult] = {}
+        self.samples: dict[str, list[dict[str, Any]]] = {}
         self.is_worker = hasattr(config, "workerinput")
         self.is_controller = not self.is_worker and getattr(config.option, "dist", "no") != "no"
         self.judges = not self.is_worker and not config.option.collectonly
@@ -232,6 +242,7 @@ class ActiveRun:
 
             for checkpoint_id, data in output["dpo_results"].items():
                 self.results[checkpoint_id] = EvalResult.from_dict(data)
+        self.samples.update(output.get("dpo_samples", {}))
         if error is not None:
             for verdict in self.verdicts:
                 self.verdicts.add_problem(verdict.checkpoint, f"worker {node.gateway.id} crashed")
@@ -245,10 +256,12 @@ class ActiveRun:
             }
             self.config.workeroutput["dpo_cache_stats"] = dataclasses.asdict(self.dpo_session.cache.stats)
             self.config.workeroutput["dpo_timings"] = self.dpo_session.timings
+            self.config.workeroutput["dpo_samples"] = self._own_samples()
             return
         if not self.judges:
             return
         self.results.update(self.dpo_session.results)
+        self.samples.update(self._own_samples())
         for checkpoint_id in self.dpo_session.ids:
             self.config.hook.pytest_dpo_checkpoint_verdict(
                 checkpoint=self.dpo_session.checkpoint(checkpoint_id),
@@ -264,6 +277,12 @@ class ActiveRun:
         if self.dpo_session.config.report_dir:
             self.report_lines = self._write_report()
 
+    def _own_samples(self) -> dict[str, list[dict[str, Any]]]:
+        return {
+            checkpoint_id: [sample.to_dict() for sample in samples]
+            for checkpoint_id, samples in self.dpo_session.samples.items()
+        }
+
     def _write_report(self) -> list[str]:
         from .model_card import versions
         from .report import build_report, eval_set_record, per_example_of, report_entry, write_report
@@ -275,6 +294,7 @@ class ActiveRun:
                 self.verdicts[checkpoint_id],
                 self.results.get(checkpoint_id),
                 evaluate_seconds=session.timings.get(checkpoint_id),
+                samples=self.samples.get(checkpoint_id, ()),
                 checkpoint_id=checkpoint_id,
             )
             for checkpoint_id in session.ids
@@ -356,6 +376,16 @@ def dpo_baseline(request: pytest.FixtureRequest) -> EvalResult:
 def dpo_metrics(dpo_result: EvalResult) -> dict[str, float]:
     """TRL's eval metrics of the checkpoint (`rewards/accuracies`, `loss`, …), without the `eval_` prefix."""
     return dpo_result.metrics
+
+
+@pytest.fixture(scope="session")
+def dpo_samples(request: pytest.FixtureRequest, dpo_checkpoint: Checkpoint, dpo_result: EvalResult) -> list[Any]:
+    """The checkpoint's sample completions (`Sample`: row, prompt, policy, reference) for the first
+    `--dpo-samples` prompts; skips the test when no samples were asked for."""
+    dpo_session = _dpo_session(request.config)
+    if not dpo_session.config.samples:
+        pytest.skip("no samples: pass --dpo-samples N (or set dpo_samples) to generate completions")
+    return dpo_session.generate_samples(dpo_session.id_of(dpo_checkpoint))
 
 
 @pytest.fixture(scope="session")

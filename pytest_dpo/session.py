@@ -25,6 +25,7 @@ from .models import Checkpoint, CheckpointError, Reference, checkpoint_ids, disc
 if TYPE_CHECKING:
     from .publish import Release
     from .results import EvalResult
+    from .samples import Sample
     from .verdicts import CheckpointVerdict
 
 
@@ -61,9 +62,18 @@ class DPOSession:
         self._device: str | None = None
         self._baseline: EvalResult | None = None
         self.lock_status: str | None = None
+        self.samples: dict[str, list[Sample]] = {}
+        self._reference_completions: dict[tuple[Any, ...], list[str]] = {}
         self.progress: Callable[[], ContextManager[Any]] | None = None
         cache_dir = (config.cache_dir or default_cache_dir) if config.use_cache else None
         self.cache = ScoreCache(cache_dir)
+        if config.samples:
+            from .samples import GenerationError
+
+            try:
+                config.generation.generation_config("--dpo-generation / dpo_generation")
+            except GenerationError as error:
+                raise ConfigError(str(error)) from None
 
     def check_lock(self, root: Path) -> str:
         """Compare the eval set and the tokenizer with the lock file (relative paths resolve from `root`).
@@ -131,7 +141,49 @@ class DPOSession:
             raise
         self.results[checkpoint_id] = result
         self.timings[checkpoint_id] = time.perf_counter() - started
+        if self.config.samples:
+            self.generate_samples(checkpoint_id)
         return result
+
+    def generate_samples(self, checkpoint_id: str) -> list[Sample]:
+        """Completions of the policy and the reference for the first `--dpo-samples` prompts (memoized).
+
+        The reference's completions are generated once per reference and
+        prompt list, so a sweep does not repeat them for every checkpoint.
+        """
+        if checkpoint_id in self.samples:
+            return self.samples[checkpoint_id]
+        from .evalset import tokenize_eval_set
+        from .samples import generate_completions, pair_samples, sample_rows
+
+        settings = self.config.settings
+        tokenizer = self.tokenizer(checkpoint_id)
+        rows = sample_rows(
+            tokenize_eval_set(self.eval_set, tokenizer, settings.max_length, settings.truncation_mode), self.config.samples
+        )
+        prompts = [row.prompt_ids for row in rows]
+        reference = self.reference(checkpoint_id)
+        reference_key = (reference.describe(), *map(tuple, prompts))
+        model = self.load_policy(checkpoint_id)
+        try:
+            policy_texts = generate_completions(model, tokenizer, prompts, self.config.generation)
+            if reference.kind == "base" and reference_key not in self._reference_completions:
+                with model.disable_adapter():
+                    self._reference_completions[reference_key] = generate_completions(
+                        model, tokenizer, prompts, self.config.generation
+                    )
+        finally:
+            release_model(model)
+        if reference_key not in self._reference_completions:
+            model = self.load_reference(checkpoint_id)
+            try:
+                self._reference_completions[reference_key] = generate_completions(
+                    model, tokenizer, prompts, self.config.generation
+                )
+            finally:
+                release_model(model)
+        self.samples[checkpoint_id] = pair_samples(rows, tokenizer, policy_texts, self._reference_completions[reference_key])
+        return self.samples[checkpoint_id]
 
     def baseline(self) -> EvalResult:
         """The result to compare with (`--dpo-baseline`): a checkpoint evaluated like the others, or a saved report."""
