@@ -3,10 +3,19 @@
 The LM head runs only on completion positions, a bounded number of tokens at
 a time, and each chunk of logits is reduced at once (what TRL 1.16's fused LM
 head does), so the full `batch x length x vocab` logits never exist.
+
+With prompt sharing, a batch's prompts run once and both completions of each
+row continue from the prompt's KV cache, instead of the prompt running twice
+(once before the chosen, once before the rejected completion). It is used for
+rows that truncation leaves whole and for models whose cache is a plain
+`DynamicCache` (no sliding-window or linear-attention layers); other batches
+and models take the two-sequence path. Both give the same numbers up to float
+rounding.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -80,6 +89,7 @@ def score(
     max_length: int | None,
     truncation_mode: str,
     on_batch: Callable[[int], None] | None = None,
+    share_prompt: bool = True,
 ) -> SequenceScores:
     """Score every row's chosen and rejected completion with `model`.
 
@@ -94,6 +104,8 @@ def score(
         batch_size: rows per forward pass.
         max_length, truncation_mode: TRL's truncation of prompt + completion.
         on_batch: called with the number of rows after each batch (progress).
+        share_prompt: run each row's prompt once and continue both completions
+            from its KV cache, where the model and the row allow it.
     """
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     backbone = getattr(causal_lm, causal_lm.base_model_prefix)
@@ -109,20 +121,31 @@ def score(
     try:
         with torch.inference_mode():
             for batch_rows in _batches_by_length(pairs, batch_size):
-                ids, attention, completion = _collate([pairs[i] for i in batch_rows], device)
-                hidden = backbone(input_ids=ids, attention_mask=attention, use_cache=False).last_hidden_state
-                sums = _completion_sums(hidden[:, :-1], ids[:, 1:], completion[:, 1:].bool(), head, transform)
+                batch = [tokenized.rows[i] for i in batch_rows]
+                shared = _shared_prompt_sums(backbone, batch, head, transform, device, max_length) if share_prompt else None
+                if shared is _NOT_SHAREABLE_MODEL:
+                    share_prompt, shared = False, None
+                if shared is not None:
+                    sums, completion = shared
+                    sides = (("chosen", slice(0, None, 2)), ("rejected", slice(1, None, 2)))
+                    scored = completion
+                else:
+                    ids, attention, completion = _collate([pairs[i] for i in batch_rows], device)
+                    hidden = backbone(input_ids=ids, attention_mask=attention, use_cache=False).last_hidden_state
+                    sums = _completion_sums(hidden[:, :-1], ids[:, 1:], completion[:, 1:].bool(), head, transform)
+                    half = len(batch_rows)
+                    sides = (("chosen", slice(None, half)), ("rejected", slice(half, None)))
+                    scored = completion[:, 1:]
                 index = torch.tensor(batch_rows)
-                half = len(batch_rows)
-                for side, part in (("chosen", slice(None, half)), ("rejected", slice(half, None))):
+                for side, part in sides:
                     out[f"{side}_logps"][index] = sums["logps"][part].cpu()
                     out[f"{side}_logits_sum"][index] = sums["logits"][part].cpu()
                     out[f"{side}_entropy_sum"][index] = sums["entropy"][part].cpu()
                     counts[f"{side}_tokens"][index] = completion[part].sum(dim=1).cpu()
-                    counts[f"{side}_scored_tokens"][index] = completion[part, 1:].sum(dim=1).cpu()
-                counts["chosen_top1"][index] = sums["top1"][:half].cpu()
+                    counts[f"{side}_scored_tokens"][index] = scored[part].sum(dim=1).cpu()
+                counts["chosen_top1"][index] = sums["top1"][sides[0][1]].cpu()
                 if on_batch is not None:
-                    on_batch(half)
+                    on_batch(len(batch_rows))
     finally:
         model.train(was_training)
     return SequenceScores(**out, **counts)
@@ -143,6 +166,71 @@ def _batches_by_length(pairs: list[tuple[list[int], ...]], batch_size: int) -> I
     order = sorted(range(len(pairs)), key=lambda i: -max(len(pairs[i][0]), len(pairs[i][2])))
     for start in range(0, len(order), batch_size):
         yield order[start : start + batch_size]
+
+
+_NOT_SHAREABLE_MODEL = object()
+
+
+def _shared_prompt_sums(
+    backbone: torch.nn.Module,
+    rows: list[TokenizedRow],
+    head: torch.nn.Module,
+    transform: LogitTransform,
+    device: torch.device,
+    max_length: int | None,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor] | object | None:
+    """Completion sums of a batch with each prompt run once: sequences interleaved (row 0 chosen, row 0
+    rejected, row 1 chosen, ...), with their completion mask.
+
+    None when a row is truncated or has no prompt (the batch takes the
+    two-sequence path); `_NOT_SHAREABLE_MODEL` when the model's KV cache is not
+    a plain `DynamicCache`, whose positions would not line up across padding.
+    """
+    if any(not row.prompt_ids or _truncated(row, max_length) for row in rows):
+        return None
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+
+    prompt_ids, prompt_attention = _right_padded([row.prompt_ids for row in rows], device)
+    prompt = backbone(input_ids=prompt_ids, attention_mask=prompt_attention, use_cache=True)
+    cache = getattr(prompt, "cache", None) or getattr(prompt, "past_key_values", None)
+    if not isinstance(cache, DynamicCache) or any(type(layer) is not DynamicLayer for layer in cache.layers):
+        return _NOT_SHAREABLE_MODEL
+    prompt_lengths = prompt_attention.sum(dim=1)
+    last_prompt_hidden = prompt.last_hidden_state[torch.arange(len(rows), device=device), prompt_lengths - 1]
+    completions = [ids for row in rows for ids in (row.chosen_ids, row.rejected_ids)]
+    completion_ids, completion_attention = _right_padded(completions, device)
+    cache.batch_repeat_interleave(2)
+    positions = prompt_lengths.repeat_interleave(2).unsqueeze(1) + torch.arange(completion_ids.shape[1], device=device)
+    hidden = backbone(
+        input_ids=completion_ids,
+        attention_mask=torch.cat([prompt_attention.repeat_interleave(2, dim=0), completion_attention], dim=1),
+        position_ids=positions,
+        use_cache=True,
+        **{_cache_argument(backbone): cache},
+    ).last_hidden_state
+    # The first completion token is predicted from the prompt's last position, the others from the completion's.
+    predicting = torch.cat([last_prompt_hidden.repeat_interleave(2, dim=0).unsqueeze(1), hidden[:, :-1]], dim=1)
+    sums = _completion_sums(predicting, completion_ids, completion_attention.bool(), head, transform)
+    return sums, completion_attention
+
+
+def _cache_argument(backbone: torch.nn.Module) -> str:
+    """transformers 5 renamed `past_key_values` to `cache` (the old name goes in 5.40)."""
+    return "cache" if "cache" in inspect.signature(backbone.forward).parameters else "past_key_values"
+
+
+def _truncated(row: TokenizedRow, max_length: int | None) -> bool:
+    return max_length is not None and len(row.prompt_ids) + max(len(row.chosen_ids), len(row.rejected_ids)) > max_length
+
+
+def _right_padded(sequences: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(sequence) for sequence in sequences)
+    ids = torch.zeros(len(sequences), width, dtype=torch.long)
+    attention = torch.zeros_like(ids)
+    for i, sequence in enumerate(sequences):
+        ids[i, : len(sequence)] = torch.tensor(sequence, dtype=torch.long)
+        attention[i, : len(sequence)] = 1
+    return ids.to(device), attention.to(device)
 
 
 def _collate(pairs: list[tuple[list[int], ...]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
