@@ -162,7 +162,7 @@ def test_cli_reports_bad_settings_as_a_usage_error(capsys: pytest.CaptureFixture
     assert "beta must be > 0" in capsys.readouterr().err
 
 
-def test_lm_head_never_materialises_more_than_an_eighth_of_the_full_logits() -> None:
+def test_lm_head_never_materialises_more_than_an_eighth_of_the_full_logits(monkeypatch: pytest.MonkeyPatch) -> None:
     from transformers import AutoModelForCausalLM
 
     from transformers import AutoTokenizer
@@ -174,7 +174,14 @@ def test_lm_head_never_materialises_more_than_an_eighth_of_the_full_logits() -> 
     tokenized = tokenize_eval_set(load_eval_set(EVAL_STANDARD), tokenizer, 1024, "keep_start")
     vocab = model.lm_head.weight.shape[0]
     events: list[tuple[str, int]] = []
-    model.lm_head.register_forward_hook(lambda module, args, output: events.append(("chunk", output.numel())))
+    head_logits = scoring._head_logits
+
+    def recording_head_logits(head: torch.nn.Module, hidden: torch.Tensor, buffer: torch.Tensor | None) -> torch.Tensor:
+        logits = head_logits(head, hidden, buffer)
+        events.append(("chunk", logits.numel() if buffer is None else buffer.numel()))
+        return logits
+
+    monkeypatch.setattr(scoring, "_head_logits", recording_head_logits)
     model.model.register_forward_hook(
         lambda module, args, output: events.append(("batch", output.last_hidden_state.shape[0] * output.last_hidden_state.shape[1]))
     )
