@@ -68,13 +68,16 @@ TOKENIZER_DIR = FIXTURES / "tokenizer"
 DEFAULT_WORKDIR = Path(__file__).resolve().parent / ".work"
 
 SETTINGS = DPOSettings(beta=0.1, loss_type="sigmoid", max_length=1024, batch_size=8, device="cpu", dtype="float32")
+# A ~5M-parameter Qwen2 with Qwen2's real vocabulary: as in TRL's tiny test models, the LM head holds almost all
+# the weights, so how much of B x T x V each contestant computes decides its time.
 MODEL_SHAPE = {
-    "hidden_size": 256,
-    "num_hidden_layers": 4,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "intermediate_size": 688,
+    "hidden_size": 16,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+    "intermediate_size": 64,
 }
+QWEN2_VOCAB = 151_936
 SEQUENCE_TOKENS = (30, 150)  # prompt + completion (BOS and EOS included) of every sequence
 CHECKPOINT_NOISE = 0.05  # checkpoint k = base + k * CHECKPOINT_NOISE * std(param) * noise
 DATA_SEED = 0
@@ -88,8 +91,9 @@ PARITY_ABSOLUTE = 1e-5
 # A reward margin this close to 0 is within fp32 rounding of the log-probs: its accuracy decision is a coin flip.
 TIE_MARGIN = 1e-4
 CONTINUOUS_METRICS = tuple(name for name in METRIC_NAMES if name != "rewards/accuracies")
-# A realistic vocab, to project the chunked LM head's saving beyond this benchmark's tiny vocab.
-PROJECTED_VOCAB = 151_936  # Qwen2
+# Completion tokens per LM-head matmul in the bare lower bound: a 0.6 GB fp32 tile with Qwen2's vocab.
+BARE_HEAD_TOKENS = 1024
+RSS_INTERVAL_S = 0.01
 
 TARGETS = {
     "cold/TRL": 0.25,
@@ -122,7 +126,7 @@ def build_workload(workdir: Path, checkpoints: int, rows: int, vocab_size: int |
     # Next to a Qwen2 config, transformers loads it as a Qwen2Tokenizer, which would add a pad token beyond the
     # model's vocab; with pad = EOS (what TRL does anyway) it keeps its 512 tokens.
     tokenizer.pad_token = tokenizer.eos_token
-    vocab = vocab_size or len(tokenizer)
+    vocab = vocab_size or QWEN2_VOCAB
     base = workdir / "base"
     manifest = {
         "shape": MODEL_SHAPE,
@@ -452,9 +456,12 @@ def trl_per_example_logps(trainer: Any) -> dict[str, torch.Tensor]:
     return {key: torch.cat(parts) for key, parts in out.items()}
 
 
-def run_trl(workload: Workload, scratch: Path) -> list[TrlCheckpoint]:
+def run_trl(workload: Workload, scratch: Path) -> tuple[list[TrlCheckpoint], float]:
+    """Every checkpoint through TRL, and the peak resident memory it added (MiB)."""
     rows = [json.loads(line) for line in workload.eval_file.read_text(encoding="utf-8").splitlines()]
-    return [trl_checkpoint(path, workload, rows, scratch / "trl" / path.name) for path in workload.checkpoints]
+    with peak_rss() as memory:
+        checkpoints = [trl_checkpoint(path, workload, rows, scratch / "trl" / path.name) for path in workload.checkpoints]
+    return checkpoints, memory["peak_mib"]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -469,6 +476,7 @@ class DpoRun:
     results: dict[str, EvalResult]
     cache_hits: int
     cache_misses: int
+    peak_rss_mib: float
     breakdown_s: dict[str, float] = field(default_factory=dict)
 
 
@@ -478,7 +486,7 @@ def run_pytest_dpo(workload: Workload, cache_dir: Path) -> DpoRun:
     per_checkpoint: dict[str, float] = {}
     results: dict[str, EvalResult] = {}
     start = time.perf_counter()
-    with breakdown(steps):
+    with breakdown(steps), peak_rss() as memory:
         with stopwatch(steps, "load_eval_set + discover"):
             eval_set = load_eval_set(workload.eval_file)
             checkpoints = sweep_checkpoints(workload)
@@ -489,7 +497,7 @@ def run_pytest_dpo(workload: Workload, cache_dir: Path) -> DpoRun:
                     checkpoint, eval_set, str(workload.base), SETTINGS, cache
                 )
     total = time.perf_counter() - start
-    return DpoRun(total, per_checkpoint, results, cache.stats.hits, cache.stats.misses, steps)
+    return DpoRun(total, per_checkpoint, results, cache.stats.hits, cache.stats.misses, memory["peak_mib"], steps)
 
 
 def sweep_checkpoints(workload: Workload) -> list[Checkpoint]:
@@ -503,30 +511,105 @@ def sweep_checkpoints(workload: Workload) -> list[Checkpoint]:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def sorted_batches(tokenized: TokenizedEvalSet) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Input ids and attention masks, built before timing: rows sorted by length, a row's chosen and rejected
-    in the same batch (pytest-dpo's own batching, so both run over exactly the same padded tensors)."""
-    pairs = sequence_pairs(tokenized)
+def sorted_batches(tokenized: TokenizedEvalSet) -> list[dict[str, torch.Tensor]]:
+    """Each length-sorted batch's unique tokens, built before timing: the prompts once, then every row's chosen
+    and rejected completion, as padded ids, masks and the positions the completions continue from."""
     batches = []
-    for rows in scoring._batches_by_length(pairs, SETTINGS.batch_size):
-        ids, attention, _ = scoring._collate([pairs[i] for i in rows], torch.device("cpu"))
-        batches.append((ids, attention))
+    for rows in scoring._batches_by_length(sequence_pairs(tokenized), SETTINGS.batch_size):
+        batch = [tokenized.rows[i] for i in rows]
+        prompt_ids, prompt_mask = scoring._right_padded([row.prompt_ids for row in batch], torch.device("cpu"))
+        completions = [ids for row in batch for ids in (row.chosen_ids, row.rejected_ids)]
+        completion_ids, completion_mask = scoring._right_padded(completions, torch.device("cpu"))
+        prompt_lengths = prompt_mask.sum(dim=1)
+        batches.append(
+            {
+                "prompt_ids": prompt_ids,
+                "prompt_mask": prompt_mask,
+                "completion_ids": completion_ids,
+                "attention": torch.cat([prompt_mask.repeat_interleave(2, dim=0), completion_mask], dim=1),
+                "positions": prompt_lengths.repeat_interleave(2).unsqueeze(1) + torch.arange(completion_ids.shape[1]),
+                "last_prompt": prompt_lengths - 1,
+                "completion_mask": completion_mask.bool(),
+            }
+        )
     return batches
 
 
-def run_bare(workload: Workload, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
-    """K+1 models (the checkpoints and the reference), each loaded and run over the batches: nothing else."""
+def bare_log_probs(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Completion-token log-probs of one batch, with nothing but the model's own modules: the prompts run once,
+    the completions continue from their KV cache, the LM head runs on completion positions only."""
+    prompt = model.model(input_ids=batch["prompt_ids"], attention_mask=batch["prompt_mask"], use_cache=True)
+    cache = prompt.cache
+    cache.batch_repeat_interleave(2)
+    hidden = model.model(
+        input_ids=batch["completion_ids"], attention_mask=batch["attention"], position_ids=batch["positions"],
+        cache=cache, use_cache=True,
+    ).last_hidden_state
+    last = prompt.last_hidden_state[torch.arange(len(batch["last_prompt"])), batch["last_prompt"]]
+    predicting = torch.cat([last.repeat_interleave(2, dim=0).unsqueeze(1), hidden[:, :-1]], dim=1)
+    mask = batch["completion_mask"]
+    token_hidden, targets = predicting[mask], batch["completion_ids"][mask]
+    parts = []
+    for start in range(0, len(targets), BARE_HEAD_TOKENS):
+        logits = model.lm_head(token_hidden[start : start + BARE_HEAD_TOKENS])
+        target = logits.gather(-1, targets[start : start + BARE_HEAD_TOKENS, None]).squeeze(-1)
+        parts.append(target - torch.logsumexp(logits, dim=-1))
+    return torch.cat(parts)
+
+
+def run_bare(workload: Workload, batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+    """K+1 models (the checkpoints and the reference), each loaded and run over the batches' unique tokens."""
     from transformers import AutoModelForCausalLM
 
     times: dict[str, float] = {}
-    for path in [workload.base, *workload.checkpoints]:
-        with stopwatch(times, "load"):
-            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
-        with stopwatch(times, "forward"), torch.inference_mode():
-            for ids, attention in batches:
-                model(input_ids=ids, attention_mask=attention).logits
-        del model
-    return {"load_s": times["load"], "forward_s": times["forward"], "total_s": times["load"] + times["forward"]}
+    with peak_rss() as memory:
+        for path in [workload.base, *workload.checkpoints]:
+            with stopwatch(times, "load"):
+                model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+            with stopwatch(times, "forward"), torch.inference_mode():
+                for batch in batches:
+                    bare_log_probs(model, batch)
+            del model
+    return {
+        "load_s": times["load"],
+        "forward_s": times["forward"],
+        "total_s": times["load"] + times["forward"],
+        "peak_rss_mib": memory["peak_mib"],
+    }
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Memory
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _rss_bytes() -> int:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@contextlib.contextmanager
+def peak_rss() -> Iterator[dict[str, float]]:
+    """Within: the process's resident memory sampled every RSS_INTERVAL_S; `peak_mib` is its highest rise above
+    the start (what the contestant itself allocated, as a maximum over time)."""
+    import threading
+
+    record = {"peak_mib": 0.0}
+    start = _rss_bytes()
+    highest = [start]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(RSS_INTERVAL_S):
+            highest[0] = max(highest[0], _rss_bytes())
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        yield record
+    finally:
+        done.set()
+        sampler.join()
+        record["peak_mib"] = (max(highest[0], _rss_bytes()) - start) / 2**20
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -570,24 +653,7 @@ def measure_logits_peak(workload: Workload, tokenized: TokenizedEvalSet) -> dict
     with recording_logits(record):
         scoring.score(model, tokenized, batch_size=SETTINGS.batch_size, max_length=SETTINGS.max_length,
                       truncation_mode=SETTINGS.truncation_mode)
-    measured = logits_summary(record, workload.vocab_size)
-    return {**measured, "at_projected_vocab": projected_logits_peak(tokenized, model.config.hidden_size)}
-
-
-def projected_logits_peak(tokenized: TokenizedEvalSet, hidden_size: int) -> dict[str, Any]:
-    """The largest length-sorted batch through `_completion_sums` with a PROJECTED_VOCAB-sized head (random
-    hidden states: only the shapes matter)."""
-    pairs = sequence_pairs(tokenized)
-    first = next(scoring._batches_by_length(pairs, SETTINGS.batch_size))
-    ids, _, completion = scoring._collate([pairs[i] for i in first], torch.device("cpu"))
-    generator = torch.Generator().manual_seed(DATA_SEED)
-    hidden = torch.randn(ids.shape[0], ids.shape[1] - 1, hidden_size, generator=generator)
-    labels = torch.randint(PROJECTED_VOCAB, (ids.shape[0], ids.shape[1] - 1), generator=generator)
-    head = torch.nn.Linear(hidden_size, PROJECTED_VOCAB, bias=False)
-    record: dict[str, int] = {}
-    with torch.inference_mode(), recording_logits(record):
-        scoring._completion_sums(hidden, labels, completion[:, 1:].bool(), head, scoring.LogitTransform())
-    return logits_summary(record, PROJECTED_VOCAB)
+    return logits_summary(record, workload.vocab_size)
 
 
 def logits_summary(record: dict[str, int], vocab: int) -> dict[str, Any]:
@@ -763,6 +829,7 @@ def summarise(
     workload: Workload,
     tokenized: TokenizedEvalSet,
     trl: list[TrlCheckpoint],
+    trl_peak_mib: float,
     cold: DpoRun,
     warm: DpoRun,
     bare: dict[str, float],
@@ -805,6 +872,7 @@ def summarise(
             "total_s": trl_total,
             "construct_s": sum(c.construct_s for c in trl),
             "evaluate_s": sum(c.evaluate_s for c in trl),
+            "peak_rss_mib": trl_peak_mib,
             "per_checkpoint": {c.name: {"construct_s": c.construct_s, "evaluate_s": c.evaluate_s} for c in trl},
             "metrics": {c.name: c.metrics for c in trl},
         },
@@ -826,6 +894,7 @@ def _dpo_record(run: DpoRun) -> dict[str, Any]:
         "per_checkpoint_s": run.per_checkpoint_s,
         "cache_hits": run.cache_hits,
         "cache_misses": run.cache_misses,
+        "peak_rss_mib": run.peak_rss_mib,
         "breakdown_s": run.breakdown_s,
         "metrics": {name: result.metrics for name, result in run.results.items()},
     }
@@ -851,7 +920,6 @@ def render(summary: dict[str, Any]) -> str:
     k = summary["settings"]["checkpoints"]
     w, trl, cold, warm, bare = (summary[key] for key in ("workload", "trl", "pytest_dpo_cold", "pytest_dpo_warm", "bare"))
     ratios, met, logits, imports, agree = summary["ratios"], summary["met"], summary["logits"], summary["import"], summary["parity"]
-    projected = logits["at_projected_vocab"]
     mark = {True: "✓", False: "✗"}
     lengths = w["sequence_tokens"]
     busy = summary["machine"]["other_processes_busy_cores"]
@@ -881,8 +949,9 @@ def render(summary: dict[str, Any]) -> str:
         _ratio_line("plugin import overhead (ms)", imports["overhead_ms"], "<= 50", met["import overhead ms"], mark, ".1f"),
         "",
         f"peak logits: {logits['peak_mib']:.2f} vs {logits['full_mib']:.2f} MiB fp32 (largest chunk {logits['chunk_tokens']:,} "
-        f"tokens x vocab {logits['vocab']:,}); largest batch through a {projected['vocab']:,}-vocab head: "
-        f"{projected['peak_mib']:.1f} vs {projected['full_mib']:.0f} MiB = {projected['ratio']:.4f}",
+        f"tokens x vocab {logits['vocab']:,})",
+        f"peak resident memory added: TRL {trl['peak_rss_mib']:.0f} MiB, pytest-dpo cold {cold['peak_rss_mib']:.0f} MiB, "
+        f"warm {warm['peak_rss_mib']:.0f} MiB, bare {bare['peak_rss_mib']:.0f} MiB",
         f"pytest --co: {imports['with_plugin_ms']:.0f} ms with the plugin, {imports['without_plugin_ms']:.0f} ms with -p no:dpo "
         f"(median of {IMPORT_RUNS})",
         f"cache: cold {cold['cache_hits']} hits / {cold['cache_misses']} misses, warm {warm['cache_hits']} hits / {warm['cache_misses']} misses",
@@ -918,7 +987,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--checkpoints", type=int, default=None, help="K checkpoints (default 4; --quick: 2)")
     parser.add_argument("--rows", type=int, default=None, help="N eval rows (default 256; --quick: 64)")
     parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR, help="where the run, eval set and JSON go")
-    parser.add_argument("--vocab-size", type=int, default=None, help="model vocab (default: the fixture tokenizer's)")
+    parser.add_argument("--vocab-size", type=int, default=None, help=f"model vocab (default: Qwen2's, {QWEN2_VOCAB:,})")
     parser.add_argument("--quick", action="store_true", help="smoke run: K=2, N=64")
     args = parser.parse_args(argv)
     args.checkpoints = args.checkpoints or (2 if args.quick else 4)
@@ -938,13 +1007,13 @@ def quiet_libraries() -> None:
     datasets.utils.logging.set_verbosity_error()
 
 
-def warm_up(workload: Workload, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+def warm_up(workload: Workload, batches: list[dict[str, torch.Tensor]]) -> None:
     """Imports and first-call costs (kernels, allocator) paid before any measurement, so no contestant pays them."""
     import trl  # noqa: F401
 
     model = load_causal_lm(str(workload.base), device="cpu", dtype=torch.float32)
     with torch.inference_mode():
-        model(input_ids=batches[0][0], attention_mask=batches[0][1])
+        bare_log_probs(model, batches[-1])
 
 
 def cpu_seconds() -> tuple[float, float]:
@@ -979,7 +1048,7 @@ def main(argv: list[str] | None = None) -> None:
     load: dict[str, float] = {}
     with other_processes_load(load), tempfile.TemporaryDirectory(prefix="bench-dpo-", dir=workdir) as scratch:
         print("a. TRL DPOTrainer.evaluate() per checkpoint ...", flush=True)
-        trl = run_trl(workload, Path(scratch))
+        trl, trl_peak_mib = run_trl(workload, Path(scratch))
         print("b. pytest-dpo cold ...", flush=True)
         cold = run_pytest_dpo(workload, Path(scratch) / "cache")
         print("c. pytest-dpo warm ...", flush=True)
@@ -990,7 +1059,7 @@ def main(argv: list[str] | None = None) -> None:
         logits = measure_logits_peak(workload, tokenized)
         print("f. plugin import overhead ...", flush=True)
         imports = measure_import_overhead(workdir / "pycache")
-    summary = summarise(workload, tokenized, trl, cold, warm, bare, logits, imports, parity(trl, cold), load["cores"])
+    summary = summarise(workload, tokenized, trl, trl_peak_mib, cold, warm, bare, logits, imports, parity(trl, cold), load["cores"])
     summary["benchmark_wall_s"] = time.perf_counter() - started
     output = workdir / f"results_k{args.checkpoints}_n{args.rows}.json"
     output.write_text(json.dumps(summary, indent=2, default=str))

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import fields
 from pathlib import Path
 
-from .settings import DPOSettings, SettingsError
+from .settings import FLAG_SETTINGS, DPOSettings, SettingsError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -25,7 +25,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--json", metavar="FILE", help="also write metrics and per-example arrays to FILE")
     help_texts = DPOSettings.help_texts()
     for field in fields(DPOSettings):
-        run.add_argument(f"--{field.name.replace('_', '-')}", dest=field.name, help=help_texts[field.name], default=None)
+        flag = f"--{field.name.replace('_', '-')}"
+        if field.name in FLAG_SETTINGS:
+            run.add_argument(flag, dest=field.name, help=help_texts[field.name], action="store_const", const="true")
+        else:
+            run.add_argument(flag, dest=field.name, help=help_texts[field.name], default=None)
     report = commands.add_parser(
         "report", help="re-render dpo_summary.md and dpo_metrics.png from DIR/dpo_report.json (no models)"
     )
@@ -56,7 +60,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = _settings(args)
         eval_set = load_eval_set(args.eval_set)
-        checkpoints = [found for spec in args.checkpoints for found in discover_checkpoints(spec)]
+        checkpoints = [
+            found for spec in args.checkpoints for found in discover_checkpoints(spec, allow_pickle=settings.allow_pickle)
+        ]
         print(f"eval set {eval_set.path}: {len(eval_set)} rows, {eval_set.format}, sha256 {eval_set.sha256[:12]}")
         results = []
         for checkpoint in checkpoints:

@@ -17,6 +17,7 @@ from typing import NamedTuple
 
 import torch
 
+from .metrics_names import NON_FINITE_CAUSE, non_finite_text
 from .results import EvalResult, PerExample
 
 __all__ = [
@@ -66,7 +67,7 @@ def assert_margin_positive(result: EvalResult, *, at_least: float = 0.0, confide
             Student t for means; see `pytest_dpo.stats`).
 
     Raises:
-        `AssertionError`: if the margin is not above `at_least` or is NaN; the message
+        `AssertionError`: if the margin is not above `at_least` or is NaN or infinite; the message
             lists the 3 examples with the lowest margin.
 
     Example:
@@ -95,7 +96,7 @@ def assert_accuracy_above(result: EvalResult, threshold: float, *, confidence: f
             Student t for means; see `pytest_dpo.stats`).
 
     Raises:
-        `AssertionError`: if the accuracy is not above `threshold` or is NaN; the message
+        `AssertionError`: if the accuracy is not above `threshold` or is NaN or infinite; the message
             lists the 3 examples with the lowest margin.
 
     Example:
@@ -123,7 +124,7 @@ def assert_loss_below(result: EvalResult, threshold: float, *, confidence: float
             Student t for means; see `pytest_dpo.stats`).
 
     Raises:
-        `AssertionError`: if the loss is not below `threshold` or is NaN; the message
+        `AssertionError`: if the loss is not below `threshold` or is NaN or infinite; the message
             lists the 3 examples with the highest loss.
 
     Example:
@@ -151,7 +152,7 @@ def assert_chosen_reward_above(result: EvalResult, threshold: float, *, confiden
             Student t for means; see `pytest_dpo.stats`).
 
     Raises:
-        `AssertionError`: if the chosen reward is not above `threshold` or is NaN; the
+        `AssertionError`: if the chosen reward is not above `threshold` or is NaN or infinite; the
             message lists the 3 examples with the lowest chosen reward.
 
     Example:
@@ -179,7 +180,7 @@ def assert_rejected_reward_below(result: EvalResult, threshold: float, *, confid
             Student t for means; see `pytest_dpo.stats`).
 
     Raises:
-        `AssertionError`: if the rejected reward is not below `threshold` or is NaN; the
+        `AssertionError`: if the rejected reward is not below `threshold` or is NaN or infinite; the
             message lists the 3 examples with the highest rejected reward.
 
     Example:
@@ -311,7 +312,9 @@ def _assert_metric(
     __tracebackhide__ = True
     value = _metric_value(result, metric)
     relation = "above" if above else "below"
-    if confidence is not None and not math.isnan(value):
+    if not math.isfinite(value):
+        claim = f"{metric} is {non_finite_text(value)}, not {relation} {_number(threshold)}: {NON_FINITE_CAUSE}"
+    elif confidence is not None:
         from .stats import metric_interval
 
         interval = metric_interval(result, metric, confidence)
@@ -325,8 +328,6 @@ def _assert_metric(
         )
     elif (value > threshold) if above else (value < threshold):
         return
-    elif math.isnan(value):
-        claim = f"{metric} is NaN, not {relation} {_number(threshold)}"
     else:
         shown_value, shown_threshold = _distinct_numbers(value, threshold)
         claim = f"{metric} = {shown_value} is not {relation} {shown_threshold}"

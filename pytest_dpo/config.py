@@ -113,6 +113,7 @@ PUBLISH_OPTIONS = (
     OptionSpec("push_to", "push each passing checkpoint to this Hugging Face Hub model repo (ns/name), one commit each"),
     OptionSpec("push_revision", "branch to push to (default: main)"),
     OptionSpec("push_which", "'all' passing checkpoints in training-step order (default) or only the 'last' one"),
+    OptionSpec("push_timeout", "seconds each Hub request may take to answer before the push fails (default 60)"),
     OptionSpec("private", "create the Hub repo as private", ini_type="bool", is_flag=True),
     OptionSpec("push_pr", "open a pull request per checkpoint instead of committing to the branch", ini_type="bool", is_flag=True),
     OptionSpec("no_tag", "do not tag each pushed commit with the checkpoint's name", ini_type="bool", is_flag=True),
@@ -134,6 +135,7 @@ class PublishConfig:
     create_pr: bool = False
     tag: bool = True
     dry_run: bool = False
+    timeout: float = 60.0
 
     @property
     def active(self) -> bool:
@@ -256,6 +258,16 @@ def _read_publish(option: Callable[[str], Any], ini: Callable[[str], Any], ini_d
             f"--dpo-push-to / dpo_push_to: {push_to!r} is not a Hub repo id. Write it as namespace/name, "
             "e.g. my-org/my-dpo-model."
         )
+    timeout_text = option("dpo_push_timeout") or ini("dpo_push_timeout") or "60"
+    try:
+        timeout = float(timeout_text)
+    except ValueError:
+        timeout = 0.0
+    if not 0 < timeout < float("inf"):
+        raise ConfigError(
+            f"--dpo-push-timeout / dpo_push_timeout: {timeout_text!r} is not a number of seconds > 0. "
+            "Give how long each Hub request may take, e.g. 60."
+        )
     return PublishConfig(
         save_dir=_ini_relative(option("dpo_save_dir"), ini("dpo_save_dir"), ini_dir, must_exist=False),
         push_to=push_to,
@@ -265,6 +277,7 @@ def _read_publish(option: Callable[[str], Any], ini: Callable[[str], Any], ini_d
         create_pr=flag("push_pr"),
         tag=not flag("no_tag"),
         dry_run=flag("dry_run"),
+        timeout=timeout,
     )
 
 

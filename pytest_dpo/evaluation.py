@@ -5,16 +5,17 @@ from __future__ import annotations
 import gc
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .cache import ScoreCache, cache_key, tokens_digest
-from .evalset import EvalSet, EvalSetError, check_tokenizer, load_eval_set, tokenize_eval_set
+from .evalset import EvalSet, EvalSetError, TokenizedEvalSet, TokenizedRow, check_tokenizer, load_eval_set, tokenize_eval_set
 from .metrics import aggregate, build_per_example
 from .models import (
     Checkpoint,
     CheckpointError,
+    LoadOptions,
     choose_device,
     choose_dtype,
     discover_checkpoints,
@@ -28,6 +29,9 @@ from .models import (
 from .results import EvalResult, SequenceScores
 from .scoring import score
 from .settings import DPOSettings
+
+if TYPE_CHECKING:
+    from .distributed import World
 
 PROMPT_SNIPPET_CHARS = 120
 
@@ -48,6 +52,10 @@ def evaluate(
     device: str | None = None,
     dtype: str | None = None,
     cache_dir: str | Path | None = None,
+    share_prompt: bool = True,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+    device_map: str | None = None,
 ) -> EvalResult:
     """Compute TRL's DPO eval metrics for one checkpoint over a preference eval set.
 
@@ -73,6 +81,17 @@ def evaluate(
         cache_dir (`str` or `Path`, *optional*): keep each model's per-example
             scores here, keyed by weights fingerprint and the exact token ids, and
             reuse them instead of running the model again.
+        share_prompt (`bool`, *optional*, defaults to True): run each row's
+            prompt once and score both completions from its KV cache (same
+            numbers up to float rounding; False runs the prompt twice, as TRL).
+        allow_pickle (`bool`, *optional*, defaults to False): also load weights
+            stored only as pickle (`pytorch_model.bin`, `adapter_model.bin`),
+            which can run arbitrary code when loaded; only for trusted checkpoints.
+        trust_remote_code (`bool`, *optional*, defaults to False): run the code a
+            checkpoint, reference or tokenizer ships (`auto_map`); only for trusted repos.
+        device_map (`str`, *optional*): `"auto"` shards each model over all
+            visible GPUs with accelerate (models larger than one GPU); default:
+            the whole model on `device`.
 
     Returns:
         `EvalResult` with `.metrics` (TRL names, no `eval_` prefix),
@@ -98,6 +117,10 @@ def evaluate(
         batch_size=batch_size,
         device=device,
         dtype=dtype,
+        share_prompt=share_prompt,
+        allow_pickle=allow_pickle,
+        trust_remote_code=trust_remote_code,
+        device_map=device_map,
     )
     cache = ScoreCache(cache_dir) if cache_dir is not None else None
     return evaluate_with_settings(checkpoint, eval_set, reference, settings, cache)
@@ -110,19 +133,25 @@ def evaluate_with_settings(
     settings: DPOSettings,
     cache: ScoreCache | None = None,
     progress: bool = False,
+    world: World | None = None,
 ) -> EvalResult:
     """`evaluate()` with the settings already gathered in a `DPOSettings`, an optional score cache, and
-    optionally a progress bar on stderr (rows/s, ETA) while models score."""
+    optionally a progress bar on stderr (rows/s, ETA) while models score.
+
+    With a torchrun `world`, every rank must call this with the same arguments: rank 0's cache decides what
+    is scored, each rank scores its shard of the rows, and every rank returns the same full result.
+    """
     data = eval_set if isinstance(eval_set, EvalSet) else load_eval_set(eval_set)
-    target = checkpoint if isinstance(checkpoint, Checkpoint) else _single_checkpoint(checkpoint)
-    ref = resolve_reference(target, reference)
-    tokenizer, tokenizer_source = load_tokenizer(target, ref)
+    options = LoadOptions.of(settings)
+    target = checkpoint if isinstance(checkpoint, Checkpoint) else _single_checkpoint(checkpoint, options)
+    ref = resolve_reference(target, reference, allow_pickle=options.allow_pickle)
+    tokenizer, tokenizer_source = load_tokenizer(target, ref, options)
     check_tokenizer(tokenizer, data, tokenizer_source)
     tokenized = tokenize_eval_set(data, tokenizer, settings.max_length, settings.truncation_mode)
     if not tokenized.rows:
         raise EvalSetError(
             f"{data.path}: every row's prompt alone fills max_length={settings.max_length} tokens, so TRL would drop "
-            "them all and nothing is left to score. Raise max_length or shorten the prompts."
+            "them all and nothing is left to score. Raise max_length (--dpo-max-length) or shorten the prompts."
         )
     device = choose_device(settings.device)
     dtype = choose_dtype(settings.dtype, device)
@@ -130,6 +159,7 @@ def evaluate_with_settings(
         "batch_size": settings.batch_size,
         "max_length": settings.max_length,
         "truncation_mode": settings.truncation_mode,
+        "share_prompt": settings.share_prompt,
     }
 
     tokens = tokens_digest(tokenized, settings.max_length, settings.truncation_mode)
@@ -138,26 +168,30 @@ def evaluate_with_settings(
         "reference": cache_key(reference_fingerprint(ref), str(dtype), device, tokens),
     }
     cached = {role: cache.get(key, len(tokenized.rows)) if cache else None for role, key in keys.items()}
-    policy, reference_scores = cached["policy"], cached["reference"]
-    missing = sum(scores is None for scores in cached.values())
-    bar = _progress_bar(target.name, missing * len(tokenized.rows)) if progress and missing else None
-    scoring["on_batch"] = bar.update if bar is not None else None
-    try:
-        if ref.kind == "base" and (policy is None or reference_scores is None):
-            policy, reference_scores = _score_adapter_and_base(
-                target, tokenized, device, dtype, scoring, policy, reference_scores
-            )
-        if policy is None:
-            policy = _score_model(load_policy, target, tokenized, device, dtype, scoring)
-        if reference_scores is None:
-            reference_scores = _score_model(load_reference, ref, tokenized, device, dtype, scoring)
-    finally:
-        if bar is not None:
-            bar.close()
+    if world is not None:
+        cached = world.on_main(lambda: cached)
+    missing = {role for role, scores in cached.items() if scores is None}
+
+    def score_rows(positions: list[int]) -> dict[str, SequenceScores]:
+        shard = TokenizedEvalSet([tokenized.rows[position] for position in positions], tokenized.dropped_rows)
+        bar = _progress_bar(target.name, len(missing) * len(positions)) if progress else None
+        try:
+            on_batch = {"on_batch": bar.update if bar is not None else None}
+            return _score_missing(target, ref, shard, device, dtype, scoring | on_batch, missing, options)
+        finally:
+            if bar is not None:
+                bar.close()
+
+    fresh: dict[str, SequenceScores] = {}
+    if missing and world is None:
+        fresh = score_rows(list(range(len(tokenized.rows))))
+    elif missing and world is not None:
+        fresh = world.score_shards([_scored_length(row, settings.max_length) for row in tokenized.rows], score_rows)
     if cache is not None:
-        for role, scores in (("policy", policy), ("reference", reference_scores)):
-            if cached[role] is None:
-                cache.put(keys[role], scores)
+        for role, scores in fresh.items():
+            cache.put(keys[role], scores)
+    scores = cached | fresh
+    policy, reference_scores = scores["policy"], scores["reference"]
 
     rows = torch.tensor([row.row for row in tokenized.rows], dtype=torch.int64)
     per_example = build_per_example(rows, policy, reference_scores, settings)
@@ -174,8 +208,8 @@ def evaluate_with_settings(
     )
 
 
-def _single_checkpoint(spec: str | Path) -> Checkpoint:
-    found = discover_checkpoints(spec)
+def _single_checkpoint(spec: str | Path, options: LoadOptions) -> Checkpoint:
+    found = discover_checkpoints(spec, allow_pickle=options.allow_pickle)
     if len(found) != 1:
         names = ", ".join(checkpoint.name for checkpoint in found)
         raise CheckpointError(
@@ -185,9 +219,33 @@ def _single_checkpoint(spec: str | Path) -> Checkpoint:
     return found[0]
 
 
-def _score_model(loader: Any, source: Any, tokenized: Any, device: str, dtype: torch.dtype, scoring: dict[str, Any]) -> SequenceScores:
+def _scored_length(row: TokenizedRow, max_length: int | None) -> int:
+    length = len(row.prompt_ids) + max(len(row.chosen_ids), len(row.rejected_ids))
+    return length if max_length is None else min(length, max_length)
+
+
+def _score_missing(
+    target: Checkpoint,
+    ref: Any,
+    tokenized: TokenizedEvalSet,
+    device: str,
+    dtype: torch.dtype,
+    scoring: dict[str, Any],
+    roles: set[str],
+    options: LoadOptions,
+) -> dict[str, SequenceScores]:
+    """Score the `roles` (`policy`, `reference`) the cache did not have."""
+    if ref.kind == "base":
+        return _score_adapter_and_base(target, tokenized, device, dtype, scoring, roles, options)
+    loaders = {"policy": (load_policy, target), "reference": (load_reference, ref)}
+    return {role: _score_model(*loaders[role], tokenized, device, dtype, scoring, options) for role in sorted(roles)}
+
+
+def _score_model(
+    loader: Any, source: Any, tokenized: Any, device: str, dtype: torch.dtype, scoring: dict[str, Any], options: LoadOptions
+) -> SequenceScores:
     """Load one model, score the eval set, and free the model before returning."""
-    model = loader(source, device=device, dtype=dtype)
+    model = loader(source, device=device, dtype=dtype, options=options)
     scores = score(model, tokenized, **scoring)
     del model
     _free_memory()
@@ -200,19 +258,20 @@ def _score_adapter_and_base(
     device: str,
     dtype: torch.dtype,
     scoring: dict[str, Any],
-    policy: SequenceScores | None,
-    base: SequenceScores | None,
-) -> tuple[SequenceScores, SequenceScores]:
-    """Score a PEFT checkpoint and, with its adapter disabled, its base (whichever is missing): one model for both."""
-    model = load_policy(checkpoint, device=device, dtype=dtype)
-    if policy is None:
-        policy = score(model, tokenized, **scoring)
-    if base is None:
+    roles: set[str],
+    options: LoadOptions,
+) -> dict[str, SequenceScores]:
+    """Score a PEFT checkpoint (`policy`) and, with its adapter disabled, its base (`reference`): one model for both."""
+    model = load_policy(checkpoint, device=device, dtype=dtype, options=options)
+    scores = {}
+    if "policy" in roles:
+        scores["policy"] = score(model, tokenized, **scoring)
+    if "reference" in roles:
         with model.disable_adapter():
-            base = score(model, tokenized, **scoring)
+            scores["reference"] = score(model, tokenized, **scoring)
     del model
     _free_memory()
-    return policy, base
+    return scores
 
 
 def _progress_bar(name: str, rows: int) -> Any:

@@ -11,7 +11,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from .metrics_names import METRIC_NAMES, PER_EXAMPLE_METRICS
+from .metrics_names import METRIC_NAMES, NON_FINITE_CAUSE, PER_EXAMPLE_METRICS, non_finite_text
 
 
 OPERATORS: dict[str, Callable[[float, float], bool]] = {
@@ -66,6 +66,11 @@ class Gate:
 
     def failure_message(self, checkpoint: str, metrics: Mapping[str, float], interval: object = None) -> str:
         value = metrics[self.metric]
+        if not math.isfinite(value):
+            return (
+                f"{checkpoint}: gate failed: {self.metric} is {non_finite_text(value)}, required {self.operator} "
+                f"{self.threshold:g}: {NON_FINITE_CAUSE}."
+            )
         text = f"{checkpoint}: gate failed: {self.metric} = {value:.6g}, required {self.operator} {self.threshold:g}"
         if interval is not None:
             text += f" for the {self.confidence:.0%} {'lower' if self.bound == 'low' else 'upper'} bound; interval {interval}"

@@ -18,6 +18,9 @@ def pytest_dpo_checkpoint_verdict(
 ) -> None:
     """Called once per checkpoint at the end of the session, on the controller only.
 
+    Under torchrun it is called on every rank, with the same verdicts (merged
+    across ranks); check `os.environ["RANK"] == "0"` to react once.
+
     Args:
         checkpoint (`Checkpoint`): the checkpoint (name, path, kind, step).
         verdict (`CheckpointVerdict`): `.passed`, `.summary` and the node ids per outcome.

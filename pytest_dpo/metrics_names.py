@@ -17,3 +17,14 @@ METRIC_NAMES = (
 # The first seven are means over examples, so they have confidence intervals (see stats.py); the
 # others are token-weighted.
 PER_EXAMPLE_METRICS = METRIC_NAMES[:7]
+
+# Why a metric is NaN or infinite, and what to do: said by every gate and helper that meets one.
+NON_FINITE_CAUSE = (
+    "the checkpoint's weights or logits contain NaN/inf. Check its weights (assert_metrics_finite lists the "
+    "rows), or evaluate in float32 (--dpo-dtype float32) if float16 overflowed"
+)
+
+
+def non_finite_text(value: float) -> str:
+    """`NaN`, `inf` or `-inf`."""
+    return "NaN" if value != value else str(value)

@@ -10,7 +10,8 @@ import glob
 import hashlib
 import json
 import re
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,7 +21,11 @@ if TYPE_CHECKING:
 MODEL_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
-PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "adapter_model.bin")
+MODEL_PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+ADAPTER_PICKLE_WEIGHTS = "adapter_model.bin"
+# What a Trainer checkpoint keeps to resume training: pickles too, but never weights, so never loaded or copied.
+TRAINING_STATE = re.compile(r"^(training_args\.bin|optimizer\.pt|scheduler\.pt|scaler\.pt|rng_state.*\.pth)$")
+REMOTE_CODE_KEY = "auto_map"
 CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
 GLOB_CHARS = re.compile(r"[*?\[]")
 _SAMPLES = 8
@@ -29,6 +34,28 @@ _SAMPLE_BYTES = 1 << 16
 
 class CheckpointError(ValueError):
     """A checkpoint or reference cannot be found or used; the message names the path and the fix."""
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How far loading may relax its safe defaults; each field is the `DPOSettings` field of the same name.
+
+    Attributes:
+        allow_pickle (`bool`): also load weights stored only as pickle (`pytorch_model.bin`,
+            `adapter_model.bin`); safetensors are still preferred where both exist.
+        trust_remote_code (`bool`): run the code a folder's `auto_map` points to.
+        device_map (`str | None`): shard each model over the visible GPUs with accelerate (`"auto"`, …)
+            instead of loading it whole on one device.
+    """
+
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
+    device_map: str | None = None
+
+    @classmethod
+    def of(cls, settings: Any) -> LoadOptions:
+        """The load options of a `DPOSettings`."""
+        return cls(**{option.name: getattr(settings, option.name) for option in fields(cls)})
 
 
 @dataclass(frozen=True)
@@ -77,12 +104,14 @@ class Reference:
         return self.path
 
 
-def discover_checkpoints(spec: str | Path) -> list[Checkpoint]:
+def discover_checkpoints(spec: str | Path, *, allow_pickle: bool = False) -> list[Checkpoint]:
     """Expand a path into the checkpoints it names.
 
     `spec` may be a model folder, a PEFT adapter folder, a glob, or a TRL
     `output_dir`, which expands to its `checkpoint-N` folders in step order
     plus the final model at its root when that differs from the last one.
+    `allow_pickle` also accepts folders whose weights are only pickles
+    (`--dpo-allow-pickle`).
 
     Raises:
         CheckpointError: nothing there, or folders without usable weights.
@@ -94,7 +123,7 @@ def discover_checkpoints(spec: str | Path) -> list[Checkpoint]:
             raise CheckpointError(f"{text}: the glob matches nothing. Check the pattern and the working directory ({Path.cwd()}).")
         found: list[Checkpoint] = []
         for match in matches:
-            found.extend(discover_checkpoints(match))
+            found.extend(discover_checkpoints(match, allow_pickle=allow_pickle))
         return _unique(found)
     path = Path(text)
     if not path.exists():
@@ -107,10 +136,10 @@ def discover_checkpoints(spec: str | Path) -> list[Checkpoint]:
         if child.is_dir() and (match := CHECKPOINT_DIR.match(child.name))
     )
     if not steps:
-        return [_checkpoint(path)]
-    found = [_checkpoint(child) for _, child in steps]
-    if _has_weights(path):
-        final = _checkpoint(path)
+        return [_checkpoint(path, allow_pickle)]
+    found = [_checkpoint(child, allow_pickle) for _, child in steps]
+    if _has_weights(path, allow_pickle):
+        final = _checkpoint(path, allow_pickle)
         if fingerprint(final.path) != fingerprint(found[-1].path):
             found.append(final)
     return found
@@ -126,30 +155,61 @@ def _unique(checkpoints: list[Checkpoint]) -> list[Checkpoint]:
     return unique
 
 
-def _has_weights(path: Path) -> bool:
-    return any((path / name).exists() for name in MODEL_WEIGHTS) or (path / ADAPTER_WEIGHTS).exists()
+def _has_model_weights(path: Path, allow_pickle: bool) -> bool:
+    names = MODEL_WEIGHTS + (MODEL_PICKLE_WEIGHTS if allow_pickle else ())
+    return any((path / name).exists() for name in names)
 
 
-def _checkpoint(path: Path) -> Checkpoint:
+def _has_adapter_weights(path: Path, allow_pickle: bool) -> bool:
+    return (path / ADAPTER_WEIGHTS).exists() or (allow_pickle and (path / ADAPTER_PICKLE_WEIGHTS).exists())
+
+
+def _has_weights(path: Path, allow_pickle: bool = False) -> bool:
+    return _has_model_weights(path, allow_pickle) or _has_adapter_weights(path, allow_pickle)
+
+
+def weight_files(path: Path) -> list[str]:
+    """Names of the files a checkpoint folder's weights are read from: its safetensors, else its pickle weights.
+
+    Never TRL's training state (`training_args.bin`, `optimizer.pt`, ...), which is not weights.
+    """
+    safetensors = sorted(file.name for file in path.glob("*.safetensors"))
+    if safetensors:
+        return safetensors
+    shards = sorted(file.name for file in path.glob("pytorch_model*.bin"))
+    return [name for name in [*shards, "pytorch_model.bin.index.json", ADAPTER_PICKLE_WEIGHTS] if (path / name).exists()]
+
+
+def _checkpoint(path: Path, allow_pickle: bool) -> Checkpoint:
     match = CHECKPOINT_DIR.match(path.name)
     step = int(match.group(1)) if match else None
     if (path / ADAPTER_CONFIG).exists():
-        if not (path / ADAPTER_WEIGHTS).exists():
-            _refuse_missing_weights(path, ADAPTER_WEIGHTS)
+        if not _has_adapter_weights(path, allow_pickle):
+            _refuse_missing_weights(path, adapter=True)
         config = json.loads((path / ADAPTER_CONFIG).read_text())
         return Checkpoint(path, path.name, "adapter", step, config.get("base_model_name_or_path"))
-    if not any((path / name).exists() for name in MODEL_WEIGHTS):
-        _refuse_missing_weights(path, "model.safetensors")
+    if not _has_model_weights(path, allow_pickle):
+        _refuse_missing_weights(path, adapter=False)
     return Checkpoint(path, path.name, "model", step, _model_card_base_model(path))
 
 
-def _refuse_missing_weights(path: Path, expected: str) -> None:
-    pickles = [name for name in PICKLE_WEIGHTS if (path / name).exists()]
+def _refuse_missing_weights(path: Path, *, adapter: bool) -> None:
+    pickles = [name for name in ((ADAPTER_PICKLE_WEIGHTS,) if adapter else MODEL_PICKLE_WEIGHTS) if (path / name).exists()]
     if pickles:
         raise CheckpointError(
             f"{path / pickles[0]}: weights are stored only as a pickle, which can run arbitrary code when loaded. "
-            "Re-save the checkpoint with `save_pretrained(..., safe_serialization=True)` to get safetensors."
+            "Re-save the checkpoint with `save_pretrained(..., safe_serialization=True)` to get safetensors, or, if "
+            "you trust where it came from, pass --dpo-allow-pickle to load it anyway (python -m pytest_dpo: "
+            "--allow-pickle; evaluate(): allow_pickle=True)."
         )
+    bare = sorted(file.name for file in path.glob("*.pt*") if file.suffix in (".pt", ".pth") and not TRAINING_STATE.match(file.name))
+    if bare:
+        raise CheckpointError(
+            f"{path / bare[0]}: weights saved with torch.save, a pickle that from_pretrained cannot load (not even with "
+            "--dpo-allow-pickle). Load them into the model and save it with `save_pretrained(..., "
+            "safe_serialization=True)`."
+        )
+    expected = ADAPTER_WEIGHTS if adapter else "model.safetensors"
     raise CheckpointError(
         f"{path}: no weights found (expected {expected}) and no checkpoint-N folders. "
         "Point at a model or adapter folder saved with save_pretrained, or at a TRL output_dir."
@@ -188,24 +248,61 @@ def locate(name_or_path: str, near: Path | None = None) -> str:
     return name_or_path
 
 
-def resolve_reference(checkpoint: Checkpoint, reference: str | Path | None) -> Reference:
+def resolve_reference(checkpoint: Checkpoint, reference: str | Path | None, *, allow_pickle: bool = False) -> Reference:
     """Decide what `checkpoint` is compared with.
 
     An explicit `reference` (model or adapter folder, or Hub id) wins. Else a
     PEFT adapter is compared with its base (adapter disabled, as TRL does for
     a fresh adapter), and a full model with the `base_model` of its TRL model
-    card.
+    card. `allow_pickle` accepts a reference folder whose weights are only
+    pickles.
 
     Raises:
-        CheckpointError: a full model with no reference given and none recorded.
+        CheckpointError: a full model with no reference given and none recorded,
+            an adapter whose base model is missing, a reference without usable
+            weights, or one with another vocabulary than the checkpoint.
     """
+    resolved = _resolve_reference(checkpoint, reference, allow_pickle)
+    _refuse_other_vocabulary(checkpoint, resolved)
+    return resolved
+
+
+def _refuse_other_vocabulary(checkpoint: Checkpoint, reference: Reference) -> None:
+    """Refuse a reference whose config.json gives another vocab_size than the checkpoint's (local folders only)."""
+    if reference.kind == "base":
+        return
+    policy = checkpoint.path if not checkpoint.is_adapter else Path(locate(checkpoint.base_model or "", checkpoint.path))
+    other = Path(reference.base if reference.kind == "adapter" else reference.path)
+    sizes = [_vocab_size(folder / "config.json") for folder in (policy, other)]
+    if None not in sizes and sizes[0] != sizes[1]:
+        raise CheckpointError(
+            f"{other / 'config.json'}: the reference has vocab_size {sizes[1]}, but the checkpoint's "
+            f"{policy / 'config.json'} has {sizes[0]}; log-probs over different vocabularies cannot be compared. "
+            "Pass as reference the model the DPO run started from (--dpo-reference / reference=...)."
+        )
+
+
+def _vocab_size(config_file: Path) -> int | None:
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (ValueError, OSError):
+        return None
+    if not isinstance(config, dict):
+        return None
+    size = config.get("vocab_size", (config.get("text_config") or {}).get("vocab_size"))
+    return size if isinstance(size, int) else None
+
+
+def _resolve_reference(checkpoint: Checkpoint, reference: str | Path | None, allow_pickle: bool) -> Reference:
     if reference is not None:
         path = Path(reference)
         if (path / ADAPTER_CONFIG).exists():
+            if not _has_adapter_weights(path, allow_pickle):
+                _refuse_missing_weights(path, adapter=True)
             base = json.loads((path / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
-            return Reference("adapter", str(path), locate(base, path))
-        if path.exists() and not _has_weights(path):
-            _refuse_missing_weights(path, "model.safetensors")
+            return Reference("adapter", str(path), _adapter_base(path, base))
+        if path.exists() and not _has_weights(path, allow_pickle):
+            _refuse_missing_weights(path, adapter=False)
         return Reference("model", str(reference))
     if checkpoint.is_adapter:
         if not checkpoint.base_model:
@@ -213,7 +310,7 @@ def resolve_reference(checkpoint: Checkpoint, reference: str | Path | None) -> R
                 f"{checkpoint.path / ADAPTER_CONFIG}: no base_model_name_or_path, so the reference is unknown. "
                 "Pass the base model as reference (--dpo-reference / reference=...)."
             )
-        return Reference("base", locate(checkpoint.base_model, checkpoint.path))
+        return Reference("base", _adapter_base(checkpoint.path, checkpoint.base_model))
     if checkpoint.base_model:
         located = locate(checkpoint.base_model, checkpoint.path)
         if Path(located).exists():
@@ -228,6 +325,23 @@ def resolve_reference(checkpoint: Checkpoint, reference: str | Path | None) -> R
     )
 
 
+def _adapter_base(adapter: Path, base: str | None) -> str:
+    """The adapter's base model as a loadable path or Hub id; a recorded local path that is gone is an error."""
+    if not base:
+        raise CheckpointError(
+            f"{adapter / ADAPTER_CONFIG}: no base_model_name_or_path, so the adapter's base model is unknown. "
+            "Set it to the base model's folder or Hub id."
+        )
+    located = locate(base, adapter)
+    if not Path(located).exists() and (Path(base).is_absolute() or base.startswith(".")):
+        raise CheckpointError(
+            f"{adapter / ADAPTER_CONFIG}: the base model '{base}' does not exist (a relative path is also tried from "
+            "each folder above the adapter). Put the base model there, or set base_model_name_or_path to its "
+            "folder or Hub id."
+        )
+    return located
+
+
 def fingerprint(path: str | Path) -> str:
     """A cheap content fingerprint of a checkpoint folder's weights.
 
@@ -237,7 +351,7 @@ def fingerprint(path: str | Path) -> str:
     """
     folder = Path(path)
     digest = hashlib.sha256()
-    files = sorted(folder.glob("*.safetensors")) + sorted(folder.glob(ADAPTER_CONFIG))
+    files = [folder / name for name in weight_files(folder)] + sorted(folder.glob(ADAPTER_CONFIG))
     for file in files:
         size = file.stat().st_size
         digest.update(f"{file.name}:{size}".encode())
@@ -320,41 +434,200 @@ def choose_dtype(dtype: str | None, device: str) -> torch.dtype:
     return torch.float32
 
 
-def load_causal_lm(name_or_path: str, *, device: str, dtype: torch.dtype) -> Any:
-    """Load a causal LM from safetensors, never running remote code."""
-    from transformers import AutoModelForCausalLM
+def load_causal_lm(name_or_path: str, *, device: str, dtype: torch.dtype, options: LoadOptions = LoadOptions()) -> Any:
+    """Load a causal LM: from safetensors and without running the repo's code, unless `options` allow them.
 
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            name_or_path, dtype=dtype, trust_remote_code=False, use_safetensors=True
-        )
-    except OSError as error:
-        raise CheckpointError(
-            f"{name_or_path}: cannot load the model ({str(error).splitlines()[0]}). Check that the folder holds a "
-            "config.json and safetensors weights, or that the Hub id is in the local cache when offline."
-        ) from None
-    return model.to(device).eval()
+    Raises:
+        CheckpointError: the folder asks to run code, has no usable or readable
+            weights, its weights do not fit its config.json, or they hold NaN/inf.
+    """
+    model = _pretrained(name_or_path, device, dtype, options)
+    refuse_non_finite(model, [Path(name_or_path)])
+    return model
 
 
-def load_policy(checkpoint: Checkpoint, *, device: str, dtype: torch.dtype) -> Any:
+def load_policy(checkpoint: Checkpoint, *, device: str, dtype: torch.dtype, options: LoadOptions = LoadOptions()) -> Any:
     """The checkpoint's model: full weights, or its base with the adapter attached and active."""
     if not checkpoint.is_adapter:
-        return load_causal_lm(str(checkpoint.path), device=device, dtype=dtype)
-    return _with_adapter(locate(checkpoint.base_model or "", checkpoint.path), checkpoint.path, device, dtype)
+        return load_causal_lm(str(checkpoint.path), device=device, dtype=dtype, options=options)
+    base = locate(checkpoint.base_model or "", checkpoint.path)
+    return _with_adapter(base, checkpoint.path, device, dtype, options)
 
 
-def load_reference(reference: Reference, *, device: str, dtype: torch.dtype) -> Any:
+def load_reference(reference: Reference, *, device: str, dtype: torch.dtype, options: LoadOptions = LoadOptions()) -> Any:
     """The reference model of a `Reference` of kind `model` or `adapter`."""
     if reference.kind == "adapter":
-        return _with_adapter(reference.base or "", Path(reference.path), device, dtype)
-    return load_causal_lm(reference.path, device=device, dtype=dtype)
+        return _with_adapter(reference.base or "", Path(reference.path), device, dtype, options)
+    return load_causal_lm(reference.path, device=device, dtype=dtype, options=options)
 
 
-def _with_adapter(base: str, adapter: Path, device: str, dtype: torch.dtype) -> Any:
+def _with_adapter(base: str, adapter: Path, device: str, dtype: torch.dtype, options: LoadOptions) -> Any:
     from peft import PeftModel
 
-    model = load_causal_lm(base, device=device, dtype=dtype)
-    return PeftModel.from_pretrained(model, str(adapter), is_trainable=False).eval()
+    if not _has_adapter_weights(adapter, options.allow_pickle):
+        _refuse_missing_weights(adapter, adapter=True)
+    model = _pretrained(base, device, dtype, options)
+    try:
+        model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False).eval()
+    except (OSError, ValueError, RuntimeError, KeyError) as error:
+        raise CheckpointError(
+            f"{adapter}: cannot attach the adapter to its base {base} ({_first_line(error)}). Check that "
+            "base_model_name_or_path in adapter_config.json names the model the adapter was trained on and that "
+            "the adapter's weights file is whole."
+        ) from None
+    refuse_non_finite(model, [adapter, Path(base)])
+    return model
+
+
+def _pretrained(name_or_path: str, device: str, dtype: torch.dtype, options: LoadOptions) -> Any:
+    """`from_pretrained` with our safety checks first and its errors turned into messages that say what to do."""
+    from safetensors import SafetensorError
+    from transformers import AutoModelForCausalLM
+
+    folder = Path(name_or_path)
+    placement = {"device_map": options.device_map} if options.device_map else {}
+    if placement:
+        _require_accelerate()
+    if folder.is_dir():
+        _refuse_remote_code(folder / "config.json", options)
+        if not _has_model_weights(folder, options.allow_pickle):
+            _refuse_missing_weights(folder, adapter=False)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            name_or_path,
+            dtype=dtype,
+            trust_remote_code=options.trust_remote_code,
+            use_safetensors=None if options.allow_pickle else True,
+            **placement,
+        )
+    except SafetensorError as error:
+        raise CheckpointError(
+            f"{_unreadable_safetensors(folder) or folder}: cannot read the safetensors weights ({_first_line(error)}): "
+            "the file is truncated or damaged. Copy the checkpoint again from where it was saved."
+        ) from None
+    except RuntimeError as error:
+        mismatch = _shape_mismatch(folder, options) if folder.is_dir() else None
+        if mismatch is None:
+            raise CheckpointError(
+                f"{name_or_path}: cannot load the model ({_first_line(error)}). Check that config.json and the "
+                "weights were saved together by save_pretrained."
+            ) from None
+        raise CheckpointError(
+            f"{folder / 'config.json'}: the weights do not fit this config ({mismatch}). Use the config.json that "
+            "was saved with these weights."
+        ) from None
+    except (OSError, ValueError) as error:
+        raise CheckpointError(
+            f"{name_or_path}: cannot load the model ({_first_line(error)}). Check that the folder holds a "
+            "config.json and safetensors weights, or that the Hub id is in the local cache when offline."
+        ) from None
+    return (model if placement else model.to(device)).eval()
+
+
+def _require_accelerate() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("accelerate") is None:
+        raise CheckpointError(
+            "--dpo-device-map / dpo_device_map needs accelerate to place the model over the GPUs: "
+            "pip install 'pytest-dpo[big]' (or pip install accelerate)."
+        )
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
+def _refuse_remote_code(file: Path, options: LoadOptions) -> None:
+    """Refuse a config whose `auto_map` asks to run code from its repo, unless `trust_remote_code` is on."""
+    if options.trust_remote_code or not file.is_file():
+        return
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (ValueError, OSError):
+        return  # transformers reports an unreadable config itself, with the file's name
+    remote = config.get(REMOTE_CODE_KEY) if isinstance(config, dict) else None
+    if remote:
+        classes = ", ".join(sorted(remote)) if isinstance(remote, dict) else str(remote)
+        raise CheckpointError(
+            f"{file}: its auto_map ({classes}) asks to run Python code from the repo, which pytest-dpo never does "
+            "unless told. Pass --dpo-trust-remote-code if you trust this repo's code (python -m pytest_dpo: "
+            "--trust-remote-code; evaluate(): trust_remote_code=True), or use a model transformers supports natively."
+        )
+
+
+def _unreadable_safetensors(folder: Path) -> Path | None:
+    """The first safetensors file in `folder` whose header cannot be read."""
+    from safetensors import SafetensorError, safe_open
+
+    for file in sorted(folder.glob("*.safetensors")) if folder.is_dir() else []:
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except (SafetensorError, OSError):
+            return file
+    return None
+
+
+def _shape_mismatch(folder: Path, options: LoadOptions) -> str | None:
+    """`'name' is [a, b] in file but config.json makes it [c, d]` for the first tensor whose shapes differ, if any."""
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(str(folder), trust_remote_code=options.trust_remote_code)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except (OSError, ValueError):
+        return None
+    expected = {name: list(tensor.shape) for name, tensor in model.state_dict().items()}
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as handle:
+            for name in handle.keys():
+                shape = list(handle.get_slice(name).get_shape())
+                if name in expected and expected[name] != shape:
+                    return f"'{name}' is {shape} in {file.name} but config.json makes it {expected[name]}"
+    return None
+
+
+def refuse_non_finite(model: Any, folders: Sequence[Path]) -> None:
+    """Refuse a loaded model whose weights hold NaN or inf, naming the first such tensor and its file.
+
+    Every score of such a model is NaN or meaningless, so it must never reach a
+    gate. Two reductions per tensor and one device sync: cheap next to scoring.
+    """
+    import torch
+
+    parameters = [(name, tensor) for name, tensor in model.named_parameters() if tensor.numel()]
+    if not parameters:
+        return
+    finite = torch.stack([torch.isfinite(torch.stack([tensor.max(), tensor.min()])).all() for _, tensor in parameters])
+    if bool(finite.all()):
+        return
+    name, tensor = parameters[int((~finite).nonzero()[0])]
+    bad = int((~torch.isfinite(tensor)).sum())
+    key, file = _tensor_source(name, folders)
+    raise CheckpointError(
+        f"{file}: tensor '{key}' holds {bad} NaN/inf value(s) out of {tensor.numel()}, so every score of this model "
+        "would be NaN. Use an earlier checkpoint (training diverged), or copy the file again if it was damaged."
+    )
+
+
+def _tensor_source(name: str, folders: Sequence[Path]) -> tuple[str, str]:
+    """A loaded model's parameter as (key, file) in the folders' safetensors, else (its name, the first folder)."""
+    from safetensors import safe_open
+
+    # PEFT inserts the adapter name and `base_layer` into parameter names and drops them when saving.
+    candidates = {name, name.replace(".default.", "."), name.removeprefix("base_model.model.").replace(".base_layer.", ".")}
+    for folder in folders:
+        for file in sorted(folder.glob("*.safetensors")) if folder.is_dir() else []:
+            with safe_open(str(file), framework="pt") as handle:
+                found = candidates & set(handle.keys())
+            if found:
+                return found.pop(), str(file)
+    return name, str(folders[0])
 
 
 TOKENIZER_FILES = (
@@ -388,8 +661,13 @@ def tokenizer_folder(checkpoint: Checkpoint, reference: Reference | None) -> Pat
     return None
 
 
-def load_tokenizer(checkpoint: Checkpoint, reference: Reference) -> tuple[Any, str]:
-    """The tokenizer saved with the checkpoint, else the one of its base or reference; and where it came from."""
+def load_tokenizer(checkpoint: Checkpoint, reference: Reference, options: LoadOptions = LoadOptions()) -> tuple[Any, str]:
+    """The tokenizer saved with the checkpoint, else the one of its base or reference; and where it came from.
+
+    Raises:
+        CheckpointError: no tokenizer found, or the one found asks to run its repo's code (`auto_map`)
+            and `options` do not trust remote code.
+    """
     from transformers import AutoTokenizer
 
     candidates = _tokenizer_candidates(checkpoint, reference)
@@ -397,8 +675,11 @@ def load_tokenizer(checkpoint: Checkpoint, reference: Reference) -> tuple[Any, s
         folder = Path(candidate)
         if folder.is_dir() and not any((folder / name).exists() for name in TOKENIZER_FILES[:2]):
             continue
+        if folder.is_dir():
+            for config in ("tokenizer_config.json", "config.json"):
+                _refuse_remote_code(folder / config, options)
         try:
-            return AutoTokenizer.from_pretrained(candidate, trust_remote_code=False), candidate
+            return AutoTokenizer.from_pretrained(candidate, trust_remote_code=options.trust_remote_code), candidate
         except (OSError, ValueError):
             continue
     raise CheckpointError(

@@ -20,6 +20,7 @@ from .gates import Gate
 from .verdicts import Verdicts
 
 if TYPE_CHECKING:
+    from .distributed import World
     from .models import Checkpoint
     from .publish import PublicationReport
     from .results import EvalResult
@@ -84,13 +85,37 @@ def _start_session(config: pytest.Config, run_config: RunConfig) -> DPOSession:
     pytest_cache = getattr(config, "cache", None)
     default_cache_dir = pytest_cache.mkdir("dpo-scores") if pytest_cache is not None else None
     try:
-        dpo_session = DPOSession(run_config, worker_index=int(worker[2:]) if worker else None, default_cache_dir=default_cache_dir)
+        world = _torchrun_world(config)
+        dpo_session = DPOSession(
+            run_config,
+            worker_index=int(worker[2:]) if worker else None,
+            default_cache_dir=default_cache_dir,
+            world=world,
+        )
         if run_config.lock and not worker:
             dpo_session.lock_status = dpo_session.check_lock(config.rootpath)
-        dpo_session.progress = _progress_context(config)
+        dpo_session.progress = _progress_context(config) if world is None or world.is_main else None
     except ConfigError as error:
         raise pytest.UsageError(str(error)) from None
     return dpo_session
+
+
+def _torchrun_world(config: pytest.Config) -> World | None:
+    """This process's torchrun world with its process group started (and destroyed at exit), or None outside torchrun."""
+    from .distributed import world_from_env
+
+    world = world_from_env()
+    if world is None:
+        return None
+    if getattr(config.option, "dist", "no") != "no":
+        raise ConfigError(
+            f"pytest-xdist (-n / --dist) cannot run under torchrun (WORLD_SIZE={world.world_size}): torchrun already "
+            "starts one pytest per GPU and splits each checkpoint's eval set between them. Drop -n, or run "
+            "`pytest -n N` without torchrun."
+        )
+    world.start()
+    config.add_cleanup(world.stop)
+    return world
 
 
 def _progress_context(config: pytest.Config) -> Any:
@@ -176,6 +201,8 @@ class ActiveRun:
         self.is_worker = hasattr(config, "workerinput")
         self.is_controller = not self.is_worker and getattr(config.option, "dist", "no") != "no"
         self.judges = not self.is_worker and not config.option.collectonly
+        self.world = dpo_session.world
+        self.is_main = self.world is None or self.world.is_main
         self.publication: PublicationReport | None = None
         self.report_lines: list[str] = []
 
@@ -260,22 +287,40 @@ class ActiveRun:
             return
         if not self.judges:
             return
+        if self.world is not None:
+            self._merge_rank_verdicts(self.world)
         self.results.update(self.dpo_session.results)
         self.samples.update(self._own_samples())
         for checkpoint_id in self.dpo_session.ids:
-            self.config.hook.pytest_dpo_checkpoint_verdict(
-                checkpoint=self.dpo_session.checkpoint(checkpoint_id),
-                verdict=self.verdicts[checkpoint_id],
-                result=self.results.get(checkpoint_id),
-            )
+            try:
+                self.config.hook.pytest_dpo_checkpoint_verdict(
+                    checkpoint=self.dpo_session.checkpoint(checkpoint_id),
+                    verdict=self.verdicts[checkpoint_id],
+                    result=self.results.get(checkpoint_id),
+                )
+            except Exception as error:  # a team's hook that breaks holds its checkpoint back; the session goes on
+                problem = f"pytest_dpo_checkpoint_verdict hook raised {type(error).__name__}: {error}"
+                self.verdicts.add_problem(checkpoint_id, problem)
         if session.exitstatus == pytest.ExitCode.OK and not all(verdict.passed for verdict in self.verdicts):
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
-        if self.dpo_session.config.publish.active:
+        if self.dpo_session.config.publish.active and self.is_main:
             self.publication = self._publish(session)
             if self.publication.error is not None:
                 session.exitstatus = pytest.ExitCode.TESTS_FAILED
-        if self.dpo_session.config.report_dir:
+        if self.dpo_session.config.report_dir and self.is_main:
             self.report_lines = self._write_report()
+        if not self.is_main and session.exitstatus == pytest.ExitCode.TESTS_FAILED:
+            # torchrun stops every rank once one exits non-zero; rank 0 alone reports the verdict, so it is never
+            # stopped while it saves and pushes.
+            session.exitstatus = pytest.ExitCode.OK
+
+    def _merge_rank_verdicts(self, world: World) -> None:
+        """torchrun: every rank takes the verdicts of all ranks merged, so a test that failed on any rank holds the
+        checkpoint back everywhere and all ranks agree."""
+        merged = Verdicts(self.dpo_session.ids)
+        for rank_verdicts in world.gather(self.verdicts.to_json()):
+            merged.merge_json(rank_verdicts)
+        self.verdicts = self.config.stash[_VERDICTS] = merged
 
     def _own_samples(self) -> dict[str, list[dict[str, Any]]]:
         return {
@@ -316,6 +361,10 @@ class ActiveRun:
 
         if session.exitstatus == pytest.ExitCode.INTERRUPTED:
             return PublicationReport(["session interrupted: nothing saved or pushed"])
+        if session.exitstatus not in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED):
+            # An internal error (a plugin's hook raised) stops the run mid-test: a verdict may miss a failure.
+            ended = f"session ended with exit status {int(session.exitstatus)}"
+            return PublicationReport([f"{ended}: nothing saved or pushed"])
         releases = [
             self.dpo_session.release(checkpoint_id, self.results[checkpoint_id], self.verdicts[checkpoint_id])
             for checkpoint_id in self.verdicts.passed_checkpoints()
@@ -325,7 +374,7 @@ class ActiveRun:
         return publish(releases, self.dpo_session.config.publish)
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
-        if not self.judges:
+        if not self.judges or not self.is_main:
             return
         from .report import verdict_table
 

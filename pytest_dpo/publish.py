@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from .config import PublishConfig
 from .model_card import eval_results_yaml, model_card_text, versions
-from .models import ADAPTER_CONFIG, ADAPTER_WEIGHTS, TOKENIZER_FILES, Checkpoint
+from .models import ADAPTER_CONFIG, TOKENIZER_FILES, Checkpoint, weight_files
 
 if TYPE_CHECKING:
     from .results import EvalResult
@@ -80,9 +80,9 @@ def release_files(release: Release) -> dict[str, Path | bytes]:
     source = release.checkpoint.path
     files: dict[str, Path | bytes] = {}
     if release.checkpoint.is_adapter:
-        names = [ADAPTER_WEIGHTS, ADAPTER_CONFIG]
+        names = [*weight_files(source), ADAPTER_CONFIG]
     else:
-        names = [path.name for path in sorted(source.glob("*.safetensors"))] + list(MODEL_FILES)
+        names = weight_files(source) + list(MODEL_FILES)
     for name in names:
         if (source / name).exists():
             files[name] = source / name
@@ -225,7 +225,8 @@ def publish(releases: Sequence[Release], config: PublishConfig, say: Callable[[s
                 folders[release.checkpoint_id] = save_release(release, Path(config.save_dir))
                 note(f"saved {release.checkpoint_id} into {folders[release.checkpoint_id]}")
         if config.push_to:
-            _push_all(releases, config, folders, note)
+            with _bounded_hub_requests(config.timeout):
+                _push_all(releases, config, folders, note)
     except PublishError as error:
         report.error = _scrub(str(error))
         note(f"error: {report.error}")
@@ -234,33 +235,56 @@ def publish(releases: Sequence[Release], config: PublishConfig, say: Callable[[s
 
 def _push_all(releases: Sequence[Release], config: PublishConfig, folders: dict[str, Path], note: Callable[[str], None]) -> None:
     from huggingface_hub import HfApi
-    from huggingface_hub.errors import HfHubHTTPError, RevisionNotFoundError
+    from huggingface_hub.errors import RevisionNotFoundError
 
     api = HfApi()
     repo_id = config.push_to or ""
     try:
         api.create_repo(repo_id, exist_ok=True, private=config.private or None)
         try:
-            head = None if config.create_pr else api.repo_info(repo_id, revision=config.revision).sha
+            head = None if config.create_pr else api.repo_info(repo_id, revision=config.revision, timeout=config.timeout).sha
         except RevisionNotFoundError:
             head = None
-    except (HfHubHTTPError, OSError) as error:
-        raise PublishError(f"cannot reach or create Hub repo {repo_id}: {_first_line(error)}. Nothing was pushed.") from None
+        tags = {ref.name: ref.target_commit for ref in api.list_repo_refs(repo_id).tags} if config.tag else {}
+    # Not only HfHubHTTPError: the client lets its HTTP library's own errors (timeouts, resets) through.
+    except Exception as error:
+        raise PublishError(
+            f"cannot reach or create Hub repo {repo_id}: {_first_line(error)}. {_what_to_do(error, config)} "
+            "Nothing was pushed."
+        ) from None
     pushed = []
     for release in releases:
+        commit = None
         try:
+            if release.tag in tags:
+                # An earlier run (perhaps killed before its end) released it: running again completes the release.
+                _check_released_before(api, repo_id, release, tags[release.tag])
+                note(f"{release.checkpoint_id} is already on {repo_id} (tag {release.tag}): not pushed again")
+                continue
             with _release_folder(release, folders.get(release.checkpoint_id)) as folder:
                 commit = _commit(api, repo_id, folder, release, config, head)
             if not config.create_pr:
                 head = commit.oid
             if config.tag:
                 api.create_tag(repo_id, tag=release.tag, revision=commit.oid, tag_message=release.commit_message)
-        except (HfHubHTTPError, OSError, ValueError, RuntimeError) as error:
+        except Exception as error:
             done = f"pushed before it: {', '.join(pushed)}" if pushed else "nothing was pushed before it"
             saved = f"; the local save stays in {folders[release.checkpoint_id]}" if release.checkpoint_id in folders else ""
+            if commit is not None:
+                outcome = (
+                    f"Its commit {commit.oid[:12]} was made but not tagged {release.tag} ({done}){saved}; "
+                    "running again tags it."
+                )
+            elif _timed_out(error):
+                outcome = (
+                    f"Whether that checkpoint's commit landed is unknown ({done}){saved}. Check the repo's history, "
+                    "then run again."
+                )
+            else:
+                outcome = f"That checkpoint's commit was not made, so the remote is as it was before it ({done}){saved}."
             raise PublishError(
-                f"pushing {release.checkpoint_id} to {repo_id} failed: {_first_line(error)}. That checkpoint's commit "
-                f"was not made, so the remote is as it was before it ({done}){saved}. Fix the cause and run again."
+                f"pushing {release.checkpoint_id} to {repo_id} failed: {_first_line(error)}. {outcome} "
+                f"{_what_to_do(error, config)}"
             ) from None
         pushed.append(release.checkpoint_id)
         where = commit.pr_url if config.create_pr else f"{config.revision}@{commit.oid[:12]}"
@@ -286,6 +310,32 @@ def _commit(api: Any, repo_id: str, folder: Path, release: Release, config: Publ
     )
 
 
+def _check_released_before(api: Any, repo_id: str, release: Release, oid: str) -> None:
+    """Raise ValueError unless commit `oid` (the release's tag) holds the checkpoint's own files unchanged.
+
+    Only the files copied from the checkpoint are compared: the card and `dpo_eval.json` also record
+    versions and paths, which may differ from the earlier run's.
+    """
+    from huggingface_hub.utils.sha import git_hash, sha_fileobj
+
+    siblings = api.repo_info(repo_id, revision=oid, files_metadata=True).siblings or []
+    remote = {sibling.rfilename: sibling for sibling in siblings}
+    for name, source in release_files(release).items():
+        if not isinstance(source, Path):
+            continue
+        sibling = remote.get(name)
+        if sibling is not None and sibling.lfs is not None:
+            with source.open("rb") as handle:
+                same = sha_fileobj(handle).hex() == sibling.lfs.sha256
+        else:
+            same = sibling is not None and sibling.blob_id == git_hash(source.read_bytes())
+        if not same:
+            raise ValueError(
+                f"tag {release.tag} already exists on {repo_id} and its {name} is not this checkpoint's (commit "
+                f"{oid[:12]}): delete that tag, push to another repo, or pass --dpo-no-tag"
+            )
+
+
 @contextmanager
 def _release_folder(release: Release, saved: Path | None) -> Iterator[Path]:
     """The saved folder of a release, or a temporary one written the same way and removed afterwards."""
@@ -297,9 +347,43 @@ def _release_folder(release: Release, saved: Path | None) -> Iterator[Path]:
         yield Path(name)
 
 
+@contextmanager
+def _bounded_hub_requests(seconds: float) -> Iterator[None]:
+    """Let each Hub request wait at most `seconds` for an answer; huggingface_hub's shared client waits forever."""
+    from huggingface_hub import get_session
+
+    session = get_session()
+    previous = getattr(session, "timeout", None)
+    session.timeout = seconds
+    try:
+        yield
+    finally:
+        session.timeout = previous
+
+
+def _timed_out(error: BaseException) -> bool:
+    # Each HTTP library huggingface_hub has used names its timeout class *Timeout*; none derives from TimeoutError.
+    return any("Timeout" in cls.__name__ for cls in type(error).__mro__)
+
+
+def _what_to_do(error: BaseException, config: PublishConfig) -> str:
+    """The fix for a failed Hub request, judged by its HTTP status."""
+    status = getattr(getattr(error, "response", None), "status_code", None)
+    if _timed_out(error):
+        return f"The Hub did not answer within {config.timeout:g} s: retry later, or raise --dpo-push-timeout."
+    if status == 401:
+        return "The Hub refused the token: log in with `hf auth login` or set HF_TOKEN to a valid token."
+    if status == 403:
+        namespace = (config.push_to or "").split("/")[0]
+        return f"The token may not write to {namespace}: use a token with write access there, or push to your own namespace."
+    if status is not None and (status == 429 or status >= 500):
+        return "The Hub failed on its side: run again later."
+    return "Fix the cause and run again."
+
+
 def _first_line(error: BaseException) -> str:
     text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__
+    return text[0].rstrip(".") if text else type(error).__name__
 
 
 def _scrub(text: str) -> str:

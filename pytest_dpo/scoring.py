@@ -199,7 +199,11 @@ def _shared_prompt_sums(
     if not isinstance(cache, DynamicCache) or any(type(layer) is not DynamicLayer for layer in cache.layers):
         return _NOT_SHAREABLE_MODEL
     prompt_lengths = prompt_attention.sum(dim=1)
-    last_prompt_hidden = prompt.last_hidden_state[torch.arange(len(rows), device=device), prompt_lengths - 1]
+    # Under a device map the backbone's output may sit on another GPU than the head.
+    prompt_hidden = prompt.last_hidden_state
+    last_prompt_hidden = prompt_hidden[
+        torch.arange(len(rows), device=prompt_hidden.device), (prompt_lengths - 1).to(prompt_hidden.device)
+    ]
     completions = [ids for row in rows for ids in (row.chosen_ids, row.rejected_ids)]
     completion_ids, completion_attention = _right_padded(completions, device)
     cache.batch_repeat_interleave(2)
@@ -212,7 +216,9 @@ def _shared_prompt_sums(
         **{_cache_argument(backbone): cache},
     ).last_hidden_state
     # The first completion token is predicted from the prompt's last position, the others from the completion's.
-    predicting = torch.cat([last_prompt_hidden.repeat_interleave(2, dim=0).unsqueeze(1), hidden[:, :-1]], dim=1)
+    predicting = torch.cat(
+        [last_prompt_hidden.repeat_interleave(2, dim=0).unsqueeze(1).to(hidden.device), hidden[:, :-1]], dim=1
+    )
     sums = _completion_sums(predicting, completion_ids, completion_attention.bool(), head, transform)
     return sums, completion_attention
 

@@ -20,9 +20,18 @@ from typing import TYPE_CHECKING, Any
 from .cache import ScoreCache
 from .config import ConfigError, RunConfig
 from .evalset import EvalSet, EvalSetError, load_eval_set
-from .models import Checkpoint, CheckpointError, Reference, checkpoint_ids, discover_checkpoints, resolve_reference
+from .models import (
+    Checkpoint,
+    CheckpointError,
+    LoadOptions,
+    Reference,
+    checkpoint_ids,
+    discover_checkpoints,
+    resolve_reference,
+)
 
 if TYPE_CHECKING:
+    from .distributed import World
     from .publish import Release
     from .results import EvalResult
     from .samples import Sample
@@ -41,15 +50,25 @@ class DPOSession:
         worker_index (`int`, *optional*): the pytest-xdist worker number, to give each worker its own GPU.
         default_cache_dir (`Path`, *optional*): the score cache's folder unless the options name one;
             scores are always shared in memory within the session (a sweep scores its reference once).
+        world (`World`, *optional*): the torchrun ranks, started; each rank scores a shard of every
+            checkpoint on `cuda:LOCAL_RANK`, and only rank 0 reads and writes the on-disk cache and the lock.
 
     Raises:
         ConfigError: a checkpoint, the reference or the eval set cannot be used.
     """
 
-    def __init__(self, config: RunConfig, worker_index: int | None = None, default_cache_dir: Path | None = None) -> None:
+    def __init__(
+        self,
+        config: RunConfig,
+        worker_index: int | None = None,
+        default_cache_dir: Path | None = None,
+        world: World | None = None,
+    ) -> None:
         self.config = config
-        self.worker_index = worker_index
-        self.checkpoints = _discover(config.checkpoints)
+        self.world = world
+        self.worker_index = worker_index if world is None else world.local_rank
+        self.load_options = LoadOptions.of(config.settings)
+        self.checkpoints = _discover(config.checkpoints, self.load_options.allow_pickle)
         self.ids = checkpoint_ids(self.checkpoints)
         self._checkpoints = dict(zip(self.ids, self.checkpoints))
         try:
@@ -66,7 +85,9 @@ class DPOSession:
         self._reference_completions: dict[tuple[Any, ...], list[str]] = {}
         self.progress: Callable[[], ContextManager[Any]] | None = None
         cache_dir = (config.cache_dir or default_cache_dir) if config.use_cache else None
-        self.cache = ScoreCache(cache_dir)
+        self.cache = ScoreCache(cache_dir if world is None or world.is_main else None)
+        if world is not None:
+            world.check_same("checkpoints or eval set", (self.ids, self.eval_set.sha256))
         if config.samples:
             from .samples import GenerationError
 
@@ -79,15 +100,21 @@ class DPOSession:
         """Compare the eval set and the tokenizer with the lock file (relative paths resolve from `root`).
 
         Returns what happened (`created`, `unchanged`, `updated`); raises
-        `ConfigError` with the drift and the fix when they changed.
+        `ConfigError` with the drift and the fix when they changed. Under torchrun
+        rank 0 checks (and writes) the lock and every rank gets its answer.
         """
+        if self.world is not None:
+            return self.world.on_main(lambda: self._check_lock(root))
+        return self._check_lock(root)
+
+    def _check_lock(self, root: Path) -> str:
         from .lock import LockError, build_lock, check_lock
         from .models import tokenizer_folder
 
         path = root / (self.config.lock or "")
         first = self.checkpoints[0]
         try:
-            reference = resolve_reference(first, self.config.reference)
+            reference = resolve_reference(first, self.config.reference, allow_pickle=self.load_options.allow_pickle)
         except CheckpointError:
             reference = None  # reported when the checkpoint is evaluated; the tokenizer may still be its own
         tokenizer_dir = tokenizer_folder(first, reference)
@@ -114,7 +141,9 @@ class DPOSession:
         return self._device
 
     def reference(self, checkpoint_id: str) -> Reference:
-        return resolve_reference(self.checkpoint(checkpoint_id), self.config.reference)
+        return resolve_reference(
+            self.checkpoint(checkpoint_id), self.config.reference, allow_pickle=self.load_options.allow_pickle
+        )
 
     def result(self, checkpoint_id: str) -> EvalResult:
         """The checkpoint's `EvalResult`, computed on first use; a failure is remembered and raised again."""
@@ -135,13 +164,14 @@ class DPOSession:
                     settings,
                     self.cache,
                     progress=self.progress is not None,
+                    world=self.world,
                 )
         except Exception as error:
             self._failures[checkpoint_id] = f"{checkpoint_id}: evaluation failed: {type(error).__name__}: {error}"
             raise
         self.results[checkpoint_id] = result
         self.timings[checkpoint_id] = time.perf_counter() - started
-        if self.config.samples:
+        if self.config.samples and (self.world is None or self.world.is_main):
             self.generate_samples(checkpoint_id)
         return result
 
@@ -200,14 +230,16 @@ class DPOSession:
                 from .evaluation import evaluate_with_settings
 
                 settings = dataclasses.replace(self.config.settings, device=self.device)
-                (checkpoint,) = discover_checkpoints(path)[-1:]
+                (checkpoint,) = discover_checkpoints(path, allow_pickle=self.load_options.allow_pickle)[-1:]
+                # Unsharded on every rank: ranks may first need the baseline at different tests, and a
+                # collective needs all ranks at the same call.
                 self._baseline = evaluate_with_settings(checkpoint, self.eval_set, self.config.reference, settings, self.cache)
         return self._baseline
 
     def tokenizer(self, checkpoint_id: str) -> Any:
         from .models import load_tokenizer
 
-        return load_tokenizer(self.checkpoint(checkpoint_id), self.reference(checkpoint_id))[0]
+        return load_tokenizer(self.checkpoint(checkpoint_id), self.reference(checkpoint_id), self.load_options)[0]
 
     def _dtype(self) -> Any:
         from .models import choose_dtype
@@ -218,7 +250,7 @@ class DPOSession:
         """The checkpoint's model on the session's device (adapter checkpoints: base with adapter)."""
         from .models import load_policy
 
-        return load_policy(self.checkpoint(checkpoint_id), device=self.device, dtype=self._dtype())
+        return load_policy(self.checkpoint(checkpoint_id), device=self.device, dtype=self._dtype(), options=self.load_options)
 
     def load_reference(self, checkpoint_id: str) -> Any:
         """The reference model on the session's device (for a fresh adapter: its base model)."""
@@ -226,8 +258,8 @@ class DPOSession:
 
         reference = self.reference(checkpoint_id)
         if reference.kind == "base":
-            return load_causal_lm(reference.path, device=self.device, dtype=self._dtype())
-        return load_reference(reference, device=self.device, dtype=self._dtype())
+            return load_causal_lm(reference.path, device=self.device, dtype=self._dtype(), options=self.load_options)
+        return load_reference(reference, device=self.device, dtype=self._dtype(), options=self.load_options)
 
 
     def release(self, checkpoint_id: str, result: EvalResult, verdict: CheckpointVerdict) -> Release:
@@ -264,11 +296,11 @@ def release_model(model: Any) -> None:
         torch.cuda.empty_cache()
 
 
-def _discover(specs: tuple[str, ...]) -> list[Checkpoint]:
+def _discover(specs: tuple[str, ...], allow_pickle: bool) -> list[Checkpoint]:
     found: dict[Path, tuple[str, Checkpoint]] = {}
     for spec in specs:
         try:
-            checkpoints = discover_checkpoints(spec)
+            checkpoints = discover_checkpoints(spec, allow_pickle=allow_pickle)
         except CheckpointError as error:
             raise ConfigError(f"--dpo-checkpoint / dpo_checkpoint: {error}") from None
         for checkpoint in checkpoints:

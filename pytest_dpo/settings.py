@@ -29,6 +29,8 @@ PER_EXAMPLE_LOSS_TYPES = (
 BATCH_DEPENDENT_LOSS_TYPES = ("aot", "aot_unpaired")
 TRUNCATION_MODES = ("keep_start", "keep_end")
 DTYPES = ("float32", "bfloat16", "float16")
+# accelerate's automatic placements (`from_pretrained(device_map=...)`).
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 
 
 class SettingsError(ValueError):
@@ -55,6 +57,19 @@ def _optional_str(text: str) -> str | None:
     return None if text.strip().lower() in ("", "auto", "none") else text.strip()
 
 
+def _device_map(text: str) -> str | None:
+    return None if text.strip().lower() in ("", "none") else text.strip()
+
+
+def _flag(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("true", "1", "yes", "on"):
+        return True
+    if value in ("false", "0", "no", "off", ""):
+        return False
+    raise ValueError(text)
+
+
 _FROM_TEXT = {
     "beta": float,
     "loss_type": str,
@@ -66,15 +81,22 @@ _FROM_TEXT = {
     "batch_size": int,
     "device": _optional_str,
     "dtype": _optional_str,
+    "device_map": _device_map,
+    "share_prompt": _flag,
+    "allow_pickle": _flag,
+    "trust_remote_code": _flag,
 }
+# On/off settings: flags on the command line, bool keys in the ini file.
+FLAG_SETTINGS = ("allow_pickle", "trust_remote_code")
 
 
 @dataclass(frozen=True)
 class DPOSettings:
-    """Everything that changes the numbers of a DPO evaluation.
+    """Everything that changes the numbers of a DPO evaluation, and how its checkpoints may be loaded.
 
     Names and defaults follow TRL 1.16's `DPOConfig`, so a team copies its
-    training settings over unchanged.
+    training settings over unchanged. The loading flags (`allow_pickle`,
+    `trust_remote_code`) are off by default and relax safety only when asked.
     """
 
     beta: float = field(
@@ -117,6 +139,36 @@ class DPOSettings:
         default=None,
         metadata={"help": "float32, bfloat16 or float16 (default: bfloat16 on CUDA devices that support it, else float32)."},
     )
+    device_map: str | None = field(
+        default=None,
+        metadata={
+            "help": "auto (or balanced, balanced_low_0, sequential): shard each model over all visible GPUs with "
+            "accelerate's big-model loading, for models larger than one GPU; needs accelerate (default: the whole "
+            "model on --dpo-device)."
+        },
+    )
+    share_prompt: bool = field(
+        default=True,
+        metadata={
+            "help": "run each row's prompt once and score both completions from its KV cache (true); false runs "
+            "prompt + completion twice, as TRL does. Same numbers up to float rounding."
+        },
+    )
+    allow_pickle: bool = field(
+        default=False,
+        metadata={
+            "help": "also load weights stored only as pickle (pytorch_model.bin, adapter_model.bin), which can run "
+            "arbitrary code when loaded; accept that risk only for checkpoints you trust (TRL's training_args.bin is "
+            "never loaded)."
+        },
+    )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={
+            "help": "run the Python code a checkpoint, reference or tokenizer ships (auto_map in config.json or "
+            "tokenizer_config.json); only for repos you trust."
+        },
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.loss_type, str):
@@ -152,7 +204,11 @@ class DPOSettings:
                 f"({', '.join(self.loss_type)}). Give one weight per loss type."
             )
         if not 0.0 <= self.label_smoothing < 0.5:
-            raise SettingsError("label_smoothing", f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}.")
+            raise SettingsError(
+                "label_smoothing",
+                f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}. Use the value the checkpoint was "
+                "trained with (TRL's default is 0.0).",
+            )
         if "exo_pair" in self.loss_type and self.label_smoothing == 0.0:
             raise SettingsError(
                 "label_smoothing",
@@ -171,6 +227,12 @@ class DPOSettings:
             raise SettingsError("batch_size", f"batch_size must be at least 1, got {self.batch_size}.")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise SettingsError("dtype", f"Unknown dtype '{self.dtype}'. Choose from: {', '.join(DTYPES)}.")
+        if self.device_map is not None and self.device_map not in DEVICE_MAPS:
+            raise SettingsError(
+                "device_map",
+                f"Unknown device_map '{self.device_map}'. Choose from: {', '.join(DEVICE_MAPS)} (or leave it unset "
+                "to load each model whole on one device).",
+            )
 
     @property
     def weights(self) -> tuple[float, ...]:

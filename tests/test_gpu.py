@@ -63,3 +63,21 @@ def test_plugin_frees_each_checkpoints_model_before_the_next(pytester: pytest.Py
         f"--dpo-checkpoint={FULL_RUN}", f"--dpo-reference={BASE}", f"--dpo-eval-set={EVAL_STANDARD}"
     )
     result.assert_outcomes(passed=3)
+
+
+def test_device_map_auto_on_cuda_matches_one_device() -> None:
+    whole = evaluate(FULL_RUN / "checkpoint-6", EVAL_STANDARD, reference=BASE, device="cuda", dtype="float32")
+    mapped = evaluate(FULL_RUN / "checkpoint-6", EVAL_STANDARD, reference=BASE, dtype="float32", device_map="auto")
+    for name in ("policy_chosen_logps", "policy_rejected_logps", "reference_chosen_logps"):
+        assert torch.allclose(getattr(whole.per_example, name), getattr(mapped.per_example, name), atol=1e-3), name
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs to split a model across")
+def test_device_map_spreads_a_model_over_two_gpus() -> None:
+    from pytest_dpo.models import LoadOptions, load_causal_lm
+
+    model = load_causal_lm(
+        str(BASE), device="cuda", dtype=torch.float32,
+        options=LoadOptions(device_map="balanced"),
+    )
+    assert {parameter.device.index for parameter in model.parameters()} == {0, 1}

@@ -1,0 +1,477 @@
+"""Bad input, one table: every row is a real run that must stop with a message naming the place and the fix.
+
+Each `Case` writes its broken input into a fresh folder and returns what to run: a pytest session with
+the plugin (`PluginRun`, which expects a usage error or a failed run) or a call of the public API
+(`ApiCall`, which expects an exception). The row passes only if the message contains both `where` (the
+file, line, row, field or option at fault) and `fix` (what to do), and nothing was published: the local
+save dir stays empty and no release commit reaches the Hub. The one row whose input turns out to be fine
+(a tokenizer without a pad token: TRL needs none for scoring) checks that the checkpoint is published.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import json
+import shutil
+import textwrap
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+import huggingface_hub  # noqa: F401
+import peft  # noqa: F401
+import pyarrow  # noqa: F401
+import pytest
+import torch
+import transformers  # noqa: F401
+from safetensors.torch import load_file, save_file
+
+from pytest_dpo import assert_margin_positive, evaluate, publish
+from pytest_dpo.models import discover_checkpoints
+
+from .fixture_paths import BASE, EVAL_CONVERSATIONAL, EVAL_STANDARD, FULL_RUN, LORA_RUN
+from .hub_server import HubServer, hub_environment
+
+pytest_plugins = ["pytester"]
+# The heavy libraries above are imported before any in-process pytester run (see tests/test_plugin.py).
+pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>'.*:DeprecationWarning")
+
+TOKEN = "hf_bad_input_test_token_0123456789"
+REPO = "tester/dpo-model"
+SAVE_DIR = "released"
+# checkpoint-4 passes this test; so a copy of it fails only because of what a row breaks in it.
+MARGIN_TEST = """
+    from pytest_dpo import assert_margin_positive
+
+    def test_margin(dpo_result):
+        assert_margin_positive(dpo_result)
+"""
+
+
+@dataclass
+class Workspace:
+    """Where a case writes its input (the pytester folder, also the working directory of a plugin run)."""
+
+    path: Path
+    monkeypatch: pytest.MonkeyPatch
+    hub: HubServer | None = None
+
+    def checkpoint(self, name: str = "checkpoint-4", source: Path = FULL_RUN / "checkpoint-4") -> Path:
+        """A fresh copy of a fixture checkpoint to break."""
+        target = self.path / "runs" / name
+        shutil.copytree(source, target)
+        return target
+
+    def jsonl(self, rows: list[object], name: str = "eval.jsonl") -> str:
+        (self.path / name).write_text("".join(json.dumps(row) + "\n" for row in rows))
+        return name
+
+
+@dataclass(frozen=True)
+class PluginRun:
+    """`pytest <args>` with the plugin on a margin test; `save_dir` is where passing checkpoints would be saved."""
+
+    args: list[str]
+    exit: pytest.ExitCode
+    save_dir: str | None = SAVE_DIR
+    publishes: bool = False
+
+
+@dataclass(frozen=True)
+class ApiCall:
+    """A call of the public API that must raise `error`."""
+
+    call: Callable[[], object]
+    error: type[BaseException]
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    setup: Callable[[Workspace], PluginRun | ApiCall]
+    where: str
+    fix: str
+    needs_hub: bool = False
+
+
+def run(
+    *args: str, exit: pytest.ExitCode = pytest.ExitCode.USAGE_ERROR, save_dir: str | None = SAVE_DIR, publishes: bool = False
+) -> PluginRun:
+    return PluginRun(list(args), exit, save_dir, publishes)
+
+
+def checkpoint_run(checkpoint: Path | str, *extra: str, eval_set: Path | str = EVAL_STANDARD) -> PluginRun:
+    """A run of one checkpoint against the base model that fails because of the checkpoint."""
+    return run(f"--dpo-checkpoint={checkpoint}", f"--dpo-reference={BASE}", f"--dpo-eval-set={eval_set}", *extra,
+               exit=pytest.ExitCode.TESTS_FAILED)
+
+
+def usage_run(*extra: str, checkpoint: Path | str = FULL_RUN / "checkpoint-4") -> PluginRun:
+    """A run refused at start-up, before any model is loaded."""
+    return run(f"--dpo-checkpoint={checkpoint}", f"--dpo-reference={BASE}", f"--dpo-eval-set={EVAL_STANDARD}", *extra)
+
+
+def edit_json(path: Path, change: Callable[[dict], object]) -> None:
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+
+
+def set_weight(checkpoint: Path, name: str, value: float) -> None:
+    weights = load_file(checkpoint / "model.safetensors")
+    weights[name][3, 5] = value
+    save_file(weights, checkpoint / "model.safetensors", metadata={"format": "pt"})
+
+
+def standard_row(**fields: object) -> dict[str, object]:
+    return {"prompt": "Q: 1+1?\nA: ", "chosen": "2.", "rejected": "3.", **fields}
+
+
+def user(text: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": text}]
+
+
+def assistant(text: str) -> list[dict[str, str]]:
+    return [{"role": "assistant", "content": text}]
+
+
+# -- setups that need more than one line ------------------------------------------------------
+
+
+def bad_json_line(work: Workspace) -> PluginRun:
+    (work.path / "eval.jsonl").write_text(json.dumps(standard_row()) + "\n{oops\n")
+    return usage_run("--dpo-eval-set=eval.jsonl")
+
+
+def without_eos(work: Workspace) -> PluginRun:
+    checkpoint = work.checkpoint()
+    edit_json(checkpoint / "tokenizer_config.json", lambda config: config.update(eos_token=None))
+    edit_json(checkpoint / "tokenizer.json", lambda tokenizer: tokenizer.update(
+        added_tokens=[token for token in tokenizer["added_tokens"] if token["content"] != "</s>"]))
+    return checkpoint_run(checkpoint)
+
+
+def without_pad_token(work: Workspace) -> PluginRun:
+    checkpoint = work.checkpoint()
+    edit_json(checkpoint / "tokenizer_config.json", lambda config: config.pop("pad_token", None))
+    return run(f"--dpo-checkpoint={checkpoint}", f"--dpo-reference={BASE}", f"--dpo-eval-set={EVAL_STANDARD}",
+               exit=pytest.ExitCode.OK, publishes=True)
+
+
+def without_chat_template(work: Workspace) -> PluginRun:
+    checkpoint = work.checkpoint()
+    (checkpoint / "chat_template.jinja").unlink()
+    edit_json(checkpoint / "tokenizer_config.json", lambda config: config.pop("chat_template", None))
+    return checkpoint_run(checkpoint, eval_set=EVAL_CONVERSATIONAL)
+
+
+def without_weights(work: Workspace) -> PluginRun:
+    (work.checkpoint() / "model.safetensors").unlink()
+    return usage_run(checkpoint="runs/checkpoint-4")
+
+
+def truncated_weights(work: Workspace) -> PluginRun:
+    weights = work.checkpoint() / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    return checkpoint_run("runs/checkpoint-4")
+
+
+def config_of_another_model(work: Workspace) -> PluginRun:
+    edit_json(work.checkpoint() / "config.json", lambda config: config.update(intermediate_size=48))
+    return checkpoint_run("runs/checkpoint-4")
+
+
+def adapter_without_base(work: Workspace) -> PluginRun:
+    adapter = work.checkpoint("checkpoint-6", LORA_RUN / "checkpoint-6")
+    gone = work.path / "gone" / "base"
+    edit_json(adapter / "adapter_config.json", lambda config: config.update(base_model_name_or_path=str(gone)))
+    return run(f"--dpo-checkpoint={adapter}", f"--dpo-eval-set={EVAL_STANDARD}", exit=pytest.ExitCode.TESTS_FAILED)
+
+
+def reference_with_another_vocabulary(work: Workspace) -> PluginRun:
+    reference = work.checkpoint("other-base", BASE)
+    edit_json(reference / "config.json", lambda config: config.update(vocab_size=600))
+    return run(f"--dpo-checkpoint={FULL_RUN / 'checkpoint-4'}", f"--dpo-reference={reference}",
+               f"--dpo-eval-set={EVAL_STANDARD}", exit=pytest.ExitCode.TESTS_FAILED)
+
+
+def non_finite_weights(value: float) -> Callable[[Workspace], PluginRun]:
+    def setup(work: Workspace) -> PluginRun:
+        checkpoint = work.checkpoint()
+        set_weight(checkpoint, "model.layers.1.mlp.up_proj.weight", value)
+        # The ini gates of examples/pytest.ini: a broken checkpoint must fail them too, never pass one.
+        (work.path / "pytest.ini").write_text("[pytest]\ndpo_gates =\n    rewards/accuracies >= 0.6\n    rewards/margins > 0\n")
+        return checkpoint_run("runs/checkpoint-4")
+
+    return setup
+
+
+def output_dir_without_checkpoints(work: Workspace) -> PluginRun:
+    run_dir = work.path / "runs" / "dpo-fresh"
+    run_dir.mkdir(parents=True)
+    for name in ("training_args.bin", "README.md", "config.json"):
+        shutil.copy(FULL_RUN / name, run_dir)
+    return usage_run(checkpoint="runs/dpo-fresh")
+
+
+def pickle_only(work: Workspace) -> PluginRun:
+    checkpoint = work.checkpoint()
+    torch.save(load_file(checkpoint / "model.safetensors"), checkpoint / "pytorch_model.bin")
+    (checkpoint / "model.safetensors").unlink()
+    return usage_run(checkpoint="runs/checkpoint-4")
+
+
+def pickle_only_adapter(work: Workspace) -> PluginRun:
+    adapter = work.checkpoint("checkpoint-6", LORA_RUN / "checkpoint-6")
+    torch.save(load_file(adapter / "adapter_model.safetensors"), adapter / "adapter_model.bin")
+    (adapter / "adapter_model.safetensors").unlink()
+    return usage_run(checkpoint="runs/checkpoint-6")
+
+
+def bare_torch_save(work: Workspace) -> PluginRun:
+    checkpoint = work.checkpoint()
+    torch.save(load_file(checkpoint / "model.safetensors"), checkpoint / "model.pt")
+    (checkpoint / "model.safetensors").unlink()
+    return usage_run(checkpoint="runs/checkpoint-4")
+
+
+def remote_code(config_name: str) -> Callable[[Workspace], PluginRun]:
+    def setup(work: Workspace) -> PluginRun:
+        checkpoint = work.checkpoint()
+        auto_map = {"AutoModelForCausalLM": "modeling_evil.EvilForCausalLM", "AutoTokenizer": ["tokenization_evil.Evil", None]}
+        edit_json(checkpoint / config_name, lambda config: config.update(auto_map=auto_map))
+        return checkpoint_run("runs/checkpoint-4")
+
+    return setup
+
+
+def gate_lines(*lines: str) -> Callable[[Workspace], PluginRun]:
+    def setup(work: Workspace) -> PluginRun:
+        (work.path / "pytest.ini").write_text("[pytest]\ndpo_gates =\n" + "".join(f"    {line}\n" for line in lines))
+        return usage_run()
+
+    return setup
+
+
+def blocked_save_dir(work: Workspace) -> PluginRun:
+    (work.path / "blocked").write_text("a file where the save dir should be")
+    return run(f"--dpo-checkpoint={FULL_RUN / 'checkpoint-4'}", f"--dpo-reference={BASE}", f"--dpo-eval-set={EVAL_STANDARD}",
+               exit=pytest.ExitCode.TESTS_FAILED, save_dir="blocked/released")
+
+
+@cache
+def passing_release() -> publish.Release:
+    result = evaluate(FULL_RUN / "checkpoint-4", EVAL_STANDARD, reference=BASE)
+    (checkpoint,) = discover_checkpoints(FULL_RUN / "checkpoint-4")
+    return publish.Release("checkpoint-4", checkpoint, result, ["test_margin"], "eval_standard.jsonl", None)
+
+
+def disk_full(work: Workspace) -> ApiCall:
+    real_copy = shutil.copyfile
+    copies: list[str] = []
+
+    def copy_until_full(source: str, destination: str) -> object:
+        copies.append(source)
+        if len(copies) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_copy(source, destination)
+
+    release = passing_release()
+    work.monkeypatch.setattr(publish.shutil, "copyfile", copy_until_full)
+    return ApiCall(lambda: publish.save_release(release, work.path / SAVE_DIR), publish.PublishError)
+
+
+def push(*extra: str, repo: str = REPO) -> PluginRun:
+    """Push the passing checkpoint-4 (no local save, so the Hub is the only place it could be published)."""
+    return run(f"--dpo-checkpoint={FULL_RUN / 'checkpoint-4'}", f"--dpo-reference={BASE}", f"--dpo-eval-set={EVAL_STANDARD}",
+               f"--dpo-push-to={repo}", *extra, exit=pytest.ExitCode.TESTS_FAILED, save_dir=None)
+
+
+def hub_refuses_token(work: Workspace) -> PluginRun:
+    work.monkeypatch.setenv("HF_TOKEN", "hf_not_a_known_token")
+    return push()
+
+
+def hub_fails(work: Workspace) -> PluginRun:
+    assert work.hub is not None
+    work.hub.fail_next("POST", r"/api/models/tester/dpo-model/commit/", status=500, times=2)
+    return push()
+
+
+def hub_hangs(work: Workspace) -> PluginRun:
+    assert work.hub is not None
+    work.hub.hang_next("POST", r"/api/models/tester/dpo-model/commit/", seconds=30)
+    return push("--dpo-push-timeout=1")
+
+
+def nan_margin(work: Workspace) -> ApiCall:
+    result = passing_release().result
+    broken = dataclasses.replace(result, metrics={**result.metrics, "rewards/margins": float("nan")})
+    return ApiCall(lambda: assert_margin_positive(broken), AssertionError)
+
+
+# -- the table --------------------------------------------------------------------------------
+
+FAILED = pytest.ExitCode.TESTS_FAILED
+CASES = [
+    # The eval set: refused before any model is loaded, with the file, the line and the field.
+    Case("eval-set-not-given", lambda work: run(f"--dpo-checkpoint={FULL_RUN}"),
+         "--dpo-eval-set / dpo_eval_set: no eval set given", "Pass the frozen preference eval set"),
+    Case("eval-set-not-found", lambda work: usage_run("--dpo-eval-set=missing.jsonl"),
+         "--dpo-eval-set / dpo_eval_set: missing.jsonl: eval set not found", "Check the path"),
+    Case("eval-set-empty", lambda work: usage_run(f"--dpo-eval-set={work.jsonl([])}"),
+         "eval.jsonl: the file is empty", "Add preference rows with 'chosen' and 'rejected'"),
+    Case("non-json-line", bad_json_line, "eval.jsonl:2: not valid JSON", "fix or remove this line"),
+    Case("row-missing-chosen", lambda work: usage_run(f"--dpo-eval-set={work.jsonl([standard_row(), {'prompt': 'p', 'rejected': 'r'}])}"),
+         "eval.jsonl:2: missing field 'chosen'", "Every row needs 'chosen' and 'rejected'"),
+    Case("row-missing-rejected", lambda work: usage_run(f"--dpo-eval-set={work.jsonl([{'prompt': 'p', 'chosen': 'c'}])}"),
+         "eval.jsonl:1: missing field 'rejected'", "Every row needs 'chosen' and 'rejected'"),
+    Case("row-missing-prompt", lambda work: usage_run(f"--dpo-eval-set={work.jsonl([standard_row(), {'chosen': 'a b', 'rejected': 'a c'}])}"),
+         "eval.jsonl:2: this row has no 'prompt' but the first row", "give every row a prompt, or none"),
+    Case("wrong-type", lambda work: usage_run(f"--dpo-eval-set={work.jsonl([standard_row(chosen=2)])}"),
+         "eval.jsonl:1: field 'chosen' is a int", "Use one format for the whole file"),
+    Case("empty-completion", lambda work: usage_run(f"--dpo-eval-set={work.jsonl([standard_row(rejected='')])}"),
+         "eval.jsonl:1: field 'rejected' is empty", "fill it or remove the row"),
+    Case("bad-role", lambda work: usage_run(f"--dpo-eval-set={work.jsonl([{'prompt': user('hi'), 'chosen': [{'role': 'bot', 'content': 'a'}], 'rejected': assistant('b')}])}"),
+         "eval.jsonl:1: field 'chosen' message 0: role 'bot' is not one of", "Fix the role"),
+    Case("missing-content", lambda work: usage_run(f"--dpo-eval-set={work.jsonl([{'prompt': user('hi'), 'chosen': assistant('a'), 'rejected': [{'role': 'assistant'}]}])}"),
+         "eval.jsonl:1: field 'rejected' message 0: missing or non-string 'content'", "Every message needs its text in 'content'"),
+    Case("mixed-formats", lambda work: usage_run(f"--dpo-eval-set={work.jsonl([standard_row(), {'prompt': user('hi'), 'chosen': assistant('a'), 'rejected': assistant('b')}])}"),
+         "eval.jsonl:2: field 'prompt' is a list, but the first row is in standard format", "Use one format for the whole file"),
+    Case("prompt-fills-max-length", lambda work: checkpoint_run(FULL_RUN / "checkpoint-4", "--dpo-max-length=3"),
+         "every row's prompt alone fills max_length=3", "Raise max_length (--dpo-max-length)"),
+    # Tokenizers.
+    Case("tokenizer-without-eos", without_eos, "checkpoint-4 has no EOS token", "Set `eos_token` in its tokenizer_config.json"),
+    Case("tokenizer-without-pad-token-is-fine", without_pad_token, "saved checkpoint-4 into", f"{SAVE_DIR}/checkpoint-4"),
+    Case("no-chat-template-for-conversations", without_chat_template,
+         "eval_conversational.jsonl: conversational rows need a chat template", "Save the tokenizer with its chat template"),
+    # Checkpoints and references.
+    Case("checkpoint-not-found", lambda work: usage_run(checkpoint="nowhere"),
+         "--dpo-checkpoint / dpo_checkpoint: nowhere: checkpoint not found", "Check the path"),
+    Case("glob-matches-nothing", lambda work: usage_run(checkpoint="runs/checkpoint-*"),
+         "runs/checkpoint-*: the glob matches nothing", "Check the pattern"),
+    Case("folder-without-weights", without_weights,
+         "runs/checkpoint-4: no weights found (expected model.safetensors)", "Point at a model or adapter folder saved with save_pretrained"),
+    Case("output-dir-without-checkpoints", output_dir_without_checkpoints,
+         "runs/dpo-fresh: no weights found (expected model.safetensors) and no checkpoint-N folders", "or at a TRL output_dir"),
+    Case("truncated-safetensors", truncated_weights,
+         "runs/checkpoint-4/model.safetensors: cannot read the safetensors weights", "Copy the checkpoint again"),
+    Case("config-does-not-fit-weights", config_of_another_model,
+         "runs/checkpoint-4/config.json: the weights do not fit this config ('model.layers.0.mlp.down_proj.weight' is [32, 64]",
+         "Use the config.json that was saved with these weights"),
+    Case("adapter-base-missing", adapter_without_base,
+         "checkpoint-6/adapter_config.json: the base model", "Put the base model there, or set base_model_name_or_path"),
+    Case("no-reference-for-a-full-model", lambda work: run(f"--dpo-checkpoint={FULL_RUN / 'checkpoint-4'}", f"--dpo-eval-set={EVAL_STANDARD}", exit=FAILED),
+         "checkpoint-4: no reference model given", "Pass the model the DPO run started from with --dpo-reference"),
+    Case("reference-vocabulary-differs", reference_with_another_vocabulary,
+         "other-base/config.json: the reference has vocab_size 600, but the checkpoint's", "Pass as reference the model the DPO run started from"),
+    Case("nan-in-weights", non_finite_weights(float("nan")),
+         "runs/checkpoint-4/model.safetensors: tensor 'model.layers.1.mlp.up_proj.weight' holds 1 NaN/inf value(s)",
+         "Use an earlier checkpoint (training diverged)"),
+    Case("inf-in-weights", non_finite_weights(float("-inf")),
+         "runs/checkpoint-4/model.safetensors: tensor 'model.layers.1.mlp.up_proj.weight' holds 1 NaN/inf value(s)",
+         "copy the file again if it was damaged"),
+    Case("nan-metric-in-a-helper", nan_margin,
+         "checkpoint-4: rewards/margins is NaN, not above 0: the checkpoint's weights or logits contain NaN/inf",
+         "assert_metrics_finite lists the rows"),
+    Case("duplicate-checkpoint-paths", lambda work: usage_run(f"--dpo-checkpoint={FULL_RUN / 'checkpoint-4'}"),
+         f"--dpo-checkpoint / dpo_checkpoint: {FULL_RUN / 'checkpoint-4'} is given twice", "Give each checkpoint once"),
+    Case("same-checkpoint-through-a-glob", lambda work: run(f"--dpo-checkpoint={FULL_RUN}", f"--dpo-checkpoint={FULL_RUN}/checkpoint-[46]", f"--dpo-eval-set={EVAL_STANDARD}"),
+         "checkpoint-4 is given twice (through", "Give each checkpoint once"),
+    # Unsafe checkpoints: refused unless the user accepts the risk with a flag the message names.
+    Case("pickle-only-weights", pickle_only,
+         "runs/checkpoint-4/pytorch_model.bin: weights are stored only as a pickle", "pass --dpo-allow-pickle"),
+    Case("pickle-only-adapter", pickle_only_adapter,
+         "runs/checkpoint-6/adapter_model.bin: weights are stored only as a pickle", "pass --dpo-allow-pickle"),
+    Case("bare-torch-save-weights", bare_torch_save,
+         "runs/checkpoint-4/model.pt: weights saved with torch.save", "save it with `save_pretrained(..., safe_serialization=True)`"),
+    Case("auto-map-in-config", remote_code("config.json"),
+         "runs/checkpoint-4/config.json: its auto_map (AutoModelForCausalLM, AutoTokenizer) asks to run Python code",
+         "Pass --dpo-trust-remote-code"),
+    Case("auto-map-in-tokenizer-config", remote_code("tokenizer_config.json"),
+         "runs/checkpoint-4/tokenizer_config.json: its auto_map", "Pass --dpo-trust-remote-code"),
+    # Settings and gates.
+    Case("unknown-loss-type", lambda work: usage_run("--dpo-loss-type=sigmoidd"),
+         "--dpo-loss-type / dpo_loss_type: Unknown loss_type 'sigmoidd'", "Choose from: sigmoid"),
+    Case("beta-not-positive", lambda work: usage_run("--dpo-beta=-0.1"),
+         "--dpo-beta / dpo_beta: beta must be > 0, got -0.1", "Use the beta the checkpoint was trained with"),
+    Case("label-smoothing-out-of-range", lambda work: usage_run("--dpo-label-smoothing=0.7"),
+         "--dpo-label-smoothing / dpo_label_smoothing: label_smoothing must be in [0, 0.5), got 0.7",
+         "Use the value the checkpoint was trained with"),
+    Case("malformed-gate-line", gate_lines("loss <= 0.7", "rewards/margins => 0"),
+         "dpo_gates line 2: cannot read gate 'rewards/margins => 0'", "Write `<metric> <op> <number>`"),
+    Case("unknown-metric-in-gate", gate_lines("rewards/acc >= 0.6"),
+         "dpo_gates line 1: unknown metric 'rewards/acc'", "Known metrics: loss"),
+    # Publishing.
+    Case("save-dir-not-writable", blocked_save_dir, "cannot write to save dir blocked/released", "Choose a writable --dpo-save-dir"),
+    Case("disk-full-while-saving", disk_full,
+         "saving checkpoint-4 into", "No space left on device. Nothing was left under that name; free space"),
+    Case("push-repo-id-invalid", lambda work: usage_run("--dpo-push-to=not a repo"),
+         "--dpo-push-to / dpo_push_to: 'not a repo' is not a Hub repo id", "Write it as namespace/name"),
+    Case("push-timeout-invalid", lambda work: usage_run(f"--dpo-push-to={REPO}", "--dpo-push-timeout=soon"),
+         "--dpo-push-timeout / dpo_push_timeout: 'soon' is not a number of seconds", "e.g. 60"),
+    Case("hub-401-bad-token", hub_refuses_token,
+         "cannot reach or create Hub repo tester/dpo-model: Client error '401", "log in with `hf auth login` or set HF_TOKEN", needs_hub=True),
+    Case("hub-403-foreign-namespace", lambda work: push(repo="someone-else/dpo-model"),
+         "cannot reach or create Hub repo someone-else/dpo-model: 403 Forbidden", "use a token with write access there", needs_hub=True),
+    Case("hub-500", hub_fails,
+         "pushing checkpoint-4 to tester/dpo-model failed: Server error '500", "The Hub failed on its side: run again later", needs_hub=True),
+    Case("hub-timeout", hub_hangs,
+         "pushing checkpoint-4 to tester/dpo-model failed", "The Hub did not answer within 1 s: retry later, or raise --dpo-push-timeout",
+         needs_hub=True),
+]
+
+
+@pytest.fixture
+def hub(tmp_path: Path) -> Iterator[HubServer]:
+    with HubServer(tmp_path / "hub-storage", tokens={TOKEN: "tester"}) as server:
+        with hub_environment(server, tmp_path / "hf-home", TOKEN):
+            yield server
+
+
+def release_commits(hub: HubServer | None) -> list[str]:
+    if hub is None or REPO not in hub.repos:
+        return []
+    return [commit.summary for commit in hub.repo(REPO).commits if commit.summary.startswith("Release")]
+
+
+def saved(folder: Path) -> list[str]:
+    return sorted(path.name for path in folder.iterdir()) if folder.exists() else []
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
+def test_bad_input_is_refused_naming_the_place_and_the_fix(
+    case: Case, pytester: pytest.Pytester, request: pytest.FixtureRequest
+) -> None:
+    hub = request.getfixturevalue("hub") if case.needs_hub else None
+    # Its own monkeypatch, undone before the Hub environment is: the test's would restore HF_TOKEN after it.
+    with pytest.MonkeyPatch.context() as patch:
+        check(case, pytester, Workspace(pytester.path, patch, hub))
+
+
+def check(case: Case, pytester: pytest.Pytester, work: Workspace) -> None:
+    action = case.setup(work)
+    if isinstance(action, ApiCall):
+        with pytest.raises(action.error) as excinfo:
+            action.call()
+        message = str(excinfo.value)
+        published = saved(work.path / SAVE_DIR)
+    else:
+        pytester.makepyfile(test_release=textwrap.dedent(MARGIN_TEST))
+        save = [f"--dpo-save-dir={action.save_dir}"] if action.save_dir else []
+        result = pytester.runpytest(*action.args, *save, "--dpo-no-cache")
+        message = result.stdout.str() + result.stderr.str()
+        assert result.ret == action.exit, message
+        published = (saved(work.path / action.save_dir) if action.save_dir else []) + release_commits(work.hub)
+        assert bool(published) == action.publishes, published
+    assert case.where in message, message
+    assert case.fix in message, message
+    if not (isinstance(action, PluginRun) and action.publishes):
+        assert published == []
+
+
+def test_the_table_covers_the_issue_list() -> None:
+    assert len(CASES) >= 30
+    assert len({case.id for case in CASES}) == len(CASES)
