@@ -6,11 +6,12 @@ and peft are imported when a model or tokenizer is actually loaded.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -493,13 +494,14 @@ def _pretrained(name_or_path: str, device: str, dtype: torch.dtype, options: Loa
         if not _has_model_weights(folder, options.allow_pickle):
             _refuse_missing_weights(folder, adapter=False)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            name_or_path,
-            dtype=dtype,
-            trust_remote_code=options.trust_remote_code,
-            use_safetensors=None if options.allow_pickle else True,
-            **placement,
-        )
+        with _quiet_loading():
+            model = AutoModelForCausalLM.from_pretrained(
+                name_or_path,
+                dtype=dtype,
+                trust_remote_code=options.trust_remote_code,
+                use_safetensors=None if options.allow_pickle else True,
+                **placement,
+            )
     except SafetensorError as error:
         raise CheckpointError(
             f"{_unreadable_safetensors(folder) or folder}: cannot read the safetensors weights ({_first_line(error)}): "
@@ -522,6 +524,20 @@ def _pretrained(name_or_path: str, device: str, dtype: torch.dtype, options: Loa
             "config.json and safetensors weights, or that the Hub id is in the local cache when offline."
         ) from None
     return (model if placement else model.to(device)).eval()
+
+
+@contextlib.contextmanager
+def _quiet_loading() -> Iterator[None]:
+    """transformers' per-file "Loading weights" bars off: they would cut through pytest-dpo's scoring bar."""
+    from transformers.utils import logging as transformers_logging
+
+    was_enabled = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            transformers_logging.enable_progress_bar()
 
 
 def _require_accelerate() -> None:
