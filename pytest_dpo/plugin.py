@@ -274,6 +274,16 @@ class ActiveRun:
             for verdict in self.verdicts:
                 self.verdicts.add_problem(verdict.checkpoint, f"worker {node.gateway.id} crashed")
 
+    def pytest_internalerror(self, excrepr: Any, excinfo: Any) -> None:
+        """Taint every verdict: an internal error (here or on an xdist worker) can cut short a test whose call passed.
+
+        Under xdist the controller's exit status may stay 1, so the exit status alone does not tell.
+        """
+        problem = "an internal error stopped the session"
+        for verdict in self.verdicts:
+            if problem not in verdict.problems:
+                self.verdicts.add_problem(verdict.checkpoint, problem)
+
     @pytest.hookimpl(trylast=True)
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
         if self.is_worker:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import importlib
 import json
 import os
 import re
@@ -1050,23 +1051,34 @@ class _Handler(BaseHTTPRequestHandler):
     def do_HEAD(self) -> None:
         self._dispatch()
 
-    def _read_body(self) -> bytes:
+    def _read_body(self) -> bytes | None:
+        """The request body, or None when the client went away before sending all of it (e.g. it was killed)."""
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
             chunks = []
             while True:
-                size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                size_line = self.rfile.readline()
+                if not size_line:
+                    return None
+                size = int(size_line.split(b";")[0].strip() or b"0", 16)
                 if size == 0:
                     while self.rfile.readline() not in (b"\r\n", b"\n", b""):
                         pass
                     return b"".join(chunks)
                 chunks.append(self.rfile.read(size))
+                if len(chunks[-1]) < size:
+                    return None
                 self.rfile.readline()
         length = int(self.headers.get("Content-Length") or 0)
-        return self.rfile.read(length) if length > 0 else b""
+        body = self.rfile.read(length) if length > 0 else b""
+        return body if len(body) == length else None
 
     def _dispatch(self) -> None:
         hub = self.server.hub
         body = self._read_body()
+        if body is None:
+            # A real Hub never acts on half a request: a commit cut short must not land as a smaller commit.
+            self.close_connection = True
+            return
         headers = RecordedHeaders(list(self.headers.items()))
         with hub._lock:
             hub.requests.append(RecordedRequest(self.command, self.path, headers))
@@ -1180,7 +1192,8 @@ def hub_environment(server: HubServer, home: Path, token: str | None) -> Iterato
     import huggingface_hub.hf_api as hf_api
     from huggingface_hub.utils import _http
 
-    tqdm_module = sys.modules["huggingface_hub.utils.tqdm"]
+    # Not `huggingface_hub.utils.tqdm`: that name is the tqdm class the package re-exports.
+    tqdm_module = importlib.import_module("huggingface_hub.utils.tqdm")
     home = Path(home)
     home.mkdir(parents=True, exist_ok=True)
 
