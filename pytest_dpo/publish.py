@@ -8,9 +8,12 @@ atomic and each checkpoint is exactly one commit).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -143,7 +146,8 @@ def save_release(release: Release, save_dir: Path) -> Path:
     target = save_dir / release.folder_name
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+        _remove_abandoned(target)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-{_owner()}-", dir=target.parent))
         staging.chmod(0o755)  # mkdtemp's 0700 would carry over to the released folder
     except OSError as error:
         raise PublishError(f"cannot write to save dir {save_dir}: {error.strerror}. Choose a writable --dpo-save-dir.") from None
@@ -176,10 +180,38 @@ def _replace(staging: Path, target: Path) -> None:
     if not target.exists():
         staging.rename(target)
         return
-    retired = target.with_name(f".{target.name}.replaced-{os.getpid()}")
+    retired = target.with_name(f".{target.name}.replaced-{_owner()}")
     target.rename(retired)
     staging.rename(target)
     shutil.rmtree(retired, ignore_errors=True)
+
+
+def _owner() -> str:
+    """This process in a leftover's name: its pid and a digest of its host (a save dir may be shared)."""
+    return f"{os.getpid()}-{hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]}"
+
+
+def _remove_abandoned(target: Path) -> None:
+    """Delete the staging and retired folders of `target` that killed runs on this host left behind.
+
+    A folder whose process still runs (a concurrent save) or that another host made is left alone.
+    """
+    host = _owner().split("-")[1]
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.(?:partial|replaced)-(?P<pid>\d+)-(?P<host>[0-9a-f]{{8}})(?:-.*)?")
+    for leftover in target.parent.glob(f".{target.name}.*"):
+        match = pattern.fullmatch(leftover.name)
+        if match and match["host"] == host and not _running(int(match["pid"])):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def plan_text(releases: Sequence[Release], config: PublishConfig) -> list[str]:

@@ -50,13 +50,20 @@ class CheckpointVerdict:
         """`passed`, or what kept the checkpoint from passing, e.g. `2 failed, 1 not run`."""
         if self.passed:
             return "passed"
-        parts = [f"{len(self.tests(kind))} {'errors' if kind == ERROR else kind}" for kind in _BAD if self.tests(kind)]
+        parts = [_count(len(self.tests(kind)), kind) for kind in _BAD if self.tests(kind)]
         if self.not_run:
             parts.append(f"{len(self.not_run)} not run")
         parts.extend(self.problems)
         if not parts:
             parts.append("no DPO test ran")
         return ", ".join(parts)
+
+
+def _count(number: int, kind: str) -> str:
+    """`2 failed`, `1 error`, `3 errors` (pytest's own wording)."""
+    if kind == ERROR:
+        return f"{number} error" + ("" if number == 1 else "s")
+    return f"{number} {kind}"
 
 
 class Verdicts:

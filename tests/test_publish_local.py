@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import shutil
 import textwrap
 from pathlib import Path
@@ -179,3 +180,27 @@ def test_saving_again_replaces_the_old_save_only_when_the_new_one_is_whole(tmp_p
     second = publish.save_release(release, tmp_path)
     assert second == first and not (second / "marker").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-4"]
+
+
+def test_leftovers_of_killed_saves_are_removed_and_live_ones_kept(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    release = _release(tmp_path)
+    save_dir = tmp_path / "released"
+    save_dir.mkdir()
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(finished.stdout)
+    this_host = publish._owner().split("-")[1]
+    killed_save = save_dir / f".checkpoint-4.partial-{dead_pid}-{this_host}-abc123"
+    killed_swap = save_dir / f".checkpoint-4.replaced-{dead_pid}-{this_host}"
+    running_save = save_dir / f".checkpoint-4.partial-{os.getppid()}-{this_host}-def456"
+    other_host = save_dir / f".checkpoint-4.partial-{dead_pid}-00000000-ghi789"
+    other_checkpoint = save_dir / f".checkpoint-6.partial-{dead_pid}-{this_host}-jkl012"
+    for folder in (killed_save, killed_swap, running_save, other_host, other_checkpoint):
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"half a checkpoint")
+    publish.save_release(release, save_dir)
+    assert sorted(p.name for p in save_dir.iterdir()) == sorted(
+        ["checkpoint-4", running_save.name, other_host.name, other_checkpoint.name]
+    )
