@@ -519,11 +519,23 @@ def _pretrained(name_or_path: str, device: str, dtype: torch.dtype, options: Loa
             "was saved with these weights."
         ) from None
     except (OSError, ValueError) as error:
+        if not folder.exists() and _offline():
+            raise CheckpointError(
+                f"{name_or_path}: not a local folder, and this Hub id is not in the local Hugging Face cache while "
+                "HF_HUB_OFFLINE=1. Download it first (hf download "
+                f"{name_or_path}) where the Hub is reachable, or pass the model's local folder."
+            ) from None
         raise CheckpointError(
             f"{name_or_path}: cannot load the model ({_first_line(error)}). Check that the folder holds a "
             "config.json and safetensors weights, or that the Hub id is in the local cache when offline."
         ) from None
     return (model if placement else model.to(device)).eval()
+
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
 
 
 @contextlib.contextmanager
