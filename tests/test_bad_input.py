@@ -216,24 +216,24 @@ def output_dir_without_checkpoints(work: Workspace) -> PluginRun:
     return usage_run(checkpoint="runs/dpo-fresh")
 
 
+def as_pickle(folder: Path, safetensors_name: str, pickle_name: str) -> None:
+    """Replace a folder's safetensors weights by the same tensors saved with `torch.save` (a pickle)."""
+    torch.save(load_file(folder / safetensors_name), folder / pickle_name)
+    (folder / safetensors_name).unlink()
+
+
 def pickle_only(work: Workspace) -> PluginRun:
-    checkpoint = work.checkpoint()
-    torch.save(load_file(checkpoint / "model.safetensors"), checkpoint / "pytorch_model.bin")
-    (checkpoint / "model.safetensors").unlink()
+    as_pickle(work.checkpoint(), "model.safetensors", "pytorch_model.bin")
     return usage_run(checkpoint="runs/checkpoint-4")
 
 
 def pickle_only_adapter(work: Workspace) -> PluginRun:
-    adapter = work.checkpoint("checkpoint-6", LORA_RUN / "checkpoint-6")
-    torch.save(load_file(adapter / "adapter_model.safetensors"), adapter / "adapter_model.bin")
-    (adapter / "adapter_model.safetensors").unlink()
+    as_pickle(work.checkpoint("checkpoint-6", LORA_RUN / "checkpoint-6"), "adapter_model.safetensors", "adapter_model.bin")
     return usage_run(checkpoint="runs/checkpoint-6")
 
 
 def bare_torch_save(work: Workspace) -> PluginRun:
-    checkpoint = work.checkpoint()
-    torch.save(load_file(checkpoint / "model.safetensors"), checkpoint / "model.pt")
-    (checkpoint / "model.safetensors").unlink()
+    as_pickle(work.checkpoint(), "model.safetensors", "model.pt")
     return usage_run(checkpoint="runs/checkpoint-4")
 
 

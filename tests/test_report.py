@@ -183,7 +183,7 @@ def test_markdown_lists_tests_that_failed_errored_or_never_ran() -> None:
                         metrics={"loss": math.nan}, scored_rows=8)
     report = build_report([entry], eval_set=EVAL_SET, gates=["loss < 0.5"], settings={}, versions={})
     markdown = render_markdown(report)
-    assert "## ❌ final held back: 2 failed, 1 errors, 1 not run" in markdown
+    assert "## ❌ final held back: 2 failed, 1 error, 1 not run" in markdown
     assert "- failed: `t::a[final]`" in markdown
     assert "- error: `t::b[final]`" in markdown
     assert "- not run: `t::c[final]`" in markdown
