@@ -624,14 +624,20 @@ def refuse_non_finite(model: Any, folders: Sequence[Path]) -> None:
     """Refuse a loaded model whose weights hold NaN or inf, naming the first such tensor and its file.
 
     Every score of such a model is NaN or meaningless, so it must never reach a
-    gate. Two reductions per tensor and one device sync: cheap next to scoring.
+    gate. Two reductions per tensor: cheap next to scoring. Under a device map the
+    tensors sit on several GPUs (their flags are gathered on the CPU), and weights
+    offloaded to disk (`meta` here) are not read.
     """
     import torch
 
-    parameters = [(name, tensor) for name, tensor in model.named_parameters() if tensor.numel()]
+    parameters = [
+        (name, tensor) for name, tensor in model.named_parameters() if tensor.numel() and tensor.device.type != "meta"
+    ]
     if not parameters:
         return
-    finite = torch.stack([torch.isfinite(torch.stack([tensor.max(), tensor.min()])).all() for _, tensor in parameters])
+    finite = torch.stack(
+        [torch.isfinite(torch.stack([tensor.max(), tensor.min()])).all().cpu() for _, tensor in parameters]
+    )
     if bool(finite.all()):
         return
     name, tensor = parameters[int((~finite).nonzero()[0])]
