@@ -86,6 +86,13 @@ _FROM_TEXT = {
     "allow_pickle": _flag,
     "trust_remote_code": _flag,
 }
+_EXPECTED = {
+    float: "a number, e.g. 0.1",
+    int: "a whole number, e.g. 8",
+    _optional_int: "a whole number, or none",
+    _floats: "comma-separated numbers, e.g. 1.0,0.5",
+    _flag: "true or false",
+}
 # On/off settings: flags on the command line, bool keys in the ini file.
 FLAG_SETTINGS = ("allow_pickle", "trust_remote_code")
 
@@ -255,7 +262,8 @@ class DPOSettings:
             try:
                 parsed[name] = _FROM_TEXT[name](text)
             except ValueError:
-                raise SettingsError(name, f"cannot read {text!r} as a value for {name}.") from None
+                expected = _EXPECTED.get(_FROM_TEXT[name], "a value")
+                raise SettingsError(name, f"cannot read {text!r} as a value for {name}: give {expected}.") from None
         return cls(**parsed)
 
     @classmethod

@@ -167,7 +167,7 @@ def test_bad_gate_line_is_a_usage_error_naming_the_line(pytester: pytest.Pyteste
     ("option", "message"),
     [
         ("--dpo-beta=0", "ERROR: --dpo-beta / dpo_beta: beta must be > 0, got 0.0*"),
-        ("--dpo-beta=high", "ERROR: --dpo-beta / dpo_beta: cannot read 'high' as a value for beta.*"),
+        ("--dpo-beta=high", "ERROR: --dpo-beta / dpo_beta: cannot read 'high' as a value for beta: give a number*"),
         ("--dpo-loss-type=sigmoidd", "ERROR: --dpo-loss-type / dpo_loss_type: Unknown loss_type 'sigmoidd'*"),
         ("--dpo-max-length=ten", "ERROR: --dpo-max-length / dpo_max_length: cannot read 'ten'*"),
         ("--dpo-batch-size=0", "ERROR: --dpo-batch-size / dpo_batch_size: batch_size must be at least 1*"),
