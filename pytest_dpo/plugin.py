@@ -159,7 +159,7 @@ class GateItem(pytest.Item):
         self.gate = gate
 
     def runtest(self) -> None:
-        result = _dpo_session(self.config).result(self.checkpoint_id)
+        result = _evaluated(_dpo_session(self.config), self.checkpoint_id)
         value, interval = result.metrics[self.gate.metric], None
         if self.gate.confidence is not None:
             from .stats import metric_interval
@@ -419,7 +419,20 @@ def dpo_checkpoint(request: pytest.FixtureRequest) -> Checkpoint:
 def dpo_result(request: pytest.FixtureRequest, dpo_checkpoint: Checkpoint) -> EvalResult:
     """The checkpoint's `EvalResult`, computed once and shared by all its tests."""
     dpo_session = _dpo_session(request.config)
-    return dpo_session.result(dpo_session.id_of(dpo_checkpoint))
+    return _evaluated(dpo_session, dpo_session.id_of(dpo_checkpoint))
+
+
+def _evaluated(dpo_session: DPOSession, checkpoint_id: str) -> EvalResult:
+    """The checkpoint's result; an explained failure (bad input) fails the test with its message alone."""
+    from .session import explained_failure
+
+    try:
+        return dpo_session.result(checkpoint_id)
+    except Exception as error:
+        if not explained_failure(error):
+            raise
+        message = dpo_session.failure(checkpoint_id) or str(error)
+    pytest.fail(message, pytrace=False)
 
 
 @pytest.fixture(scope="session")

@@ -42,6 +42,15 @@ class EvaluationFailed(RuntimeError):
     """A checkpoint could not be evaluated; raised for every later test of that checkpoint."""
 
 
+def explained_failure(error: BaseException) -> bool:
+    """Whether `error` already says what is wrong and what to do (bad input, a failed rank), so its
+    traceback would only bury the message."""
+    from .distributed import RankFailed
+    from .settings import SettingsError
+
+    return isinstance(error, (CheckpointError, EvalSetError, SettingsError, EvaluationFailed, RankFailed))
+
+
 class DPOSession:
     """The checkpoints of a run and everything computed for them.
 
@@ -124,6 +133,10 @@ class DPOSession:
             return check_lock(path, current, update=self.config.update_lock)
         except LockError as error:
             raise ConfigError(str(error)) from None
+
+    def failure(self, checkpoint_id: str) -> str | None:
+        """Why the checkpoint could not be evaluated (`checkpoint-4: evaluation failed: …`), None if it was not."""
+        return self._failures.get(checkpoint_id)
 
     def checkpoint(self, checkpoint_id: str) -> Checkpoint:
         return self._checkpoints[checkpoint_id]

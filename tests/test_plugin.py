@@ -193,6 +193,23 @@ def test_the_same_checkpoint_twice_is_a_usage_error(pytester: pytest.Pytester) -
     result.stderr.fnmatch_lines(["ERROR: --dpo-checkpoint / dpo_checkpoint: *checkpoint-4 is given twice*"])
 
 
+def test_a_damaged_checkpoint_fails_its_tests_with_the_message_alone(margin_suite: pytest.Pytester) -> None:
+    checkpoint = margin_suite.path / "runs" / "checkpoint-4"
+    shutil.copytree(FULL_RUN / "checkpoint-4", checkpoint)
+    weights = checkpoint / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    result = margin_suite.runpytest(
+        f"--dpo-checkpoint={checkpoint}", f"--dpo-reference={BASE}", f"--dpo-eval-set={EVAL_STANDARD}",
+        "--dpo-gate=rewards/margins > 0",
+    )
+    result.assert_outcomes(failed=1, errors=2)
+    message = "checkpoint-4: evaluation failed: CheckpointError: *model.safetensors: cannot read the safetensors weights*"
+    result.stdout.fnmatch_lines([f"*ERROR at setup of test_margin*", message, "*dpo-gate[[]checkpoint-4: *", message])
+    # No traceback through pytest-dpo's and transformers' frames above the message.
+    assert "def _pretrained" not in result.stdout.str() and "evaluation.py" not in result.stdout.str()
+    assert read_verdicts(margin_suite)["checkpoint-4"]["passed"] is False
+
+
 def test_command_line_wins_over_ini(margin_suite: pytest.Pytester) -> None:
     margin_suite.makeini(f"[pytest]\ndpo_beta = 0.5\ndpo_eval_set = {EVAL_STANDARD}\n")
     margin_suite.runpytest(f"--dpo-checkpoint={FULL_RUN}/checkpoint-4", f"--dpo-reference={BASE}", "--dpo-beta=0.2")
