@@ -146,10 +146,13 @@ def test_invalid_repo_id_is_a_usage_error(suite: pytest.Pytester) -> None:
 def test_the_token_never_appears_in_output_reports_or_published_files(suite: pytest.Pytester, hub: HubServer) -> None:
     hub.fail_next("POST", r"/commit/", status=500, times=1)
     result = suite.runpytest(
-        *RUN, f"--dpo-push-to={REPO}", "--dpo-save-dir=released", "--junitxml=junit.xml", "-v", "-rA"
+        *RUN, f"--dpo-push-to={REPO}", "--dpo-save-dir=released", "--dpo-report=report", "--dpo-samples=1",
+        "--junitxml=junit.xml", "-v", "-rA",
     )
     texts = [result.stdout.str(), result.stderr.str(), (suite.path / "junit.xml").read_text()]
-    texts += [path.read_text(errors="replace") for path in (suite.path / "released").rglob("*") if path.is_file()]
+    written = [path for folder in ("released", "report", ".pytest_cache") for path in (suite.path / folder).rglob("*")]
+    assert any(path.name == "dpo_report.json" for path in written)
+    texts += [path.read_text(errors="replace") for path in written if path.is_file()]
     texts += [content.decode(errors="replace") for content in hub.files_at(REPO).values()]
     assert not [text for text in texts if SECRET in text]
     for request, body in zip(hub.requests, hub.request_bodies):
