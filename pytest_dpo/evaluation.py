@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import gc
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -155,12 +156,7 @@ def evaluate_with_settings(
         )
     device = choose_device(settings.device)
     dtype = choose_dtype(settings.dtype, device)
-    scoring = {
-        "batch_size": settings.batch_size,
-        "max_length": settings.max_length,
-        "truncation_mode": settings.truncation_mode,
-        "share_prompt": settings.share_prompt,
-    }
+    plan = _ScoringPlan(device, dtype, options, settings)
 
     tokens = tokens_digest(tokenized, settings.max_length, settings.truncation_mode)
     keys = {
@@ -176,8 +172,7 @@ def evaluate_with_settings(
         shard = TokenizedEvalSet([tokenized.rows[position] for position in positions], tokenized.dropped_rows)
         bar = _progress_bar(target.name, len(missing) * len(positions)) if progress else None
         try:
-            on_batch = {"on_batch": bar.update if bar is not None else None}
-            return _score_missing(target, ref, shard, device, dtype, scoring | on_batch, missing, options)
+            return _score_missing(target, ref, shard, missing, plan, bar.update if bar is not None else None)
         finally:
             if bar is not None:
                 bar.close()
@@ -224,53 +219,61 @@ def _scored_length(row: TokenizedRow, max_length: int | None) -> int:
     return length if max_length is None else min(length, max_length)
 
 
+@dataclass(frozen=True)
+class _ScoringPlan:
+    """How models are loaded and run for one evaluation."""
+
+    device: str
+    dtype: torch.dtype
+    options: LoadOptions
+    settings: DPOSettings
+
+    def load(self, loader: Callable[..., Any], source: Any) -> Any:
+        return loader(source, device=self.device, dtype=self.dtype, options=self.options)
+
+    def score(self, model: Any, tokenized: TokenizedEvalSet, on_batch: Callable[[int], None] | None) -> SequenceScores:
+        settings = self.settings
+        return score(
+            model,
+            tokenized,
+            batch_size=settings.batch_size,
+            max_length=settings.max_length,
+            truncation_mode=settings.truncation_mode,
+            share_prompt=settings.share_prompt,
+            on_batch=on_batch,
+        )
+
+
 def _score_missing(
     target: Checkpoint,
     ref: Any,
     tokenized: TokenizedEvalSet,
-    device: str,
-    dtype: torch.dtype,
-    scoring: dict[str, Any],
     roles: set[str],
-    options: LoadOptions,
+    plan: _ScoringPlan,
+    on_batch: Callable[[int], None] | None,
 ) -> dict[str, SequenceScores]:
-    """Score the `roles` (`policy`, `reference`) the cache did not have."""
-    if ref.kind == "base":
-        return _score_adapter_and_base(target, tokenized, device, dtype, scoring, roles, options)
-    loaders = {"policy": (load_policy, target), "reference": (load_reference, ref)}
-    return {role: _score_model(*loaders[role], tokenized, device, dtype, scoring, options) for role in sorted(roles)}
+    """Score the `roles` (`policy`, `reference`) the cache did not have, one model in memory at a time.
 
-
-def _score_model(
-    loader: Any, source: Any, tokenized: Any, device: str, dtype: torch.dtype, scoring: dict[str, Any], options: LoadOptions
-) -> SequenceScores:
-    """Load one model, score the eval set, and free the model before returning."""
-    model = loader(source, device=device, dtype=dtype, options=options)
-    scores = score(model, tokenized, **scoring)
-    del model
-    _free_memory()
-    return scores
-
-
-def _score_adapter_and_base(
-    checkpoint: Checkpoint,
-    tokenized: Any,
-    device: str,
-    dtype: torch.dtype,
-    scoring: dict[str, Any],
-    roles: set[str],
-    options: LoadOptions,
-) -> dict[str, SequenceScores]:
-    """Score a PEFT checkpoint (`policy`) and, with its adapter disabled, its base (`reference`): one model for both."""
-    model = load_policy(checkpoint, device=device, dtype=dtype, options=options)
+    A PEFT checkpoint whose reference is its base is one model for both: the
+    base is scored with the adapter disabled.
+    """
     scores = {}
-    if "policy" in roles:
-        scores["policy"] = score(model, tokenized, **scoring)
-    if "reference" in roles:
-        with model.disable_adapter():
-            scores["reference"] = score(model, tokenized, **scoring)
-    del model
-    _free_memory()
+    if ref.kind == "base":
+        model = plan.load(load_policy, target)
+        if "policy" in roles:
+            scores["policy"] = plan.score(model, tokenized, on_batch)
+        if "reference" in roles:
+            with model.disable_adapter():
+                scores["reference"] = plan.score(model, tokenized, on_batch)
+        del model
+        _free_memory()
+        return scores
+    sources = {"policy": (load_policy, target), "reference": (load_reference, ref)}
+    for role in sorted(roles):
+        model = plan.load(*sources[role])
+        scores[role] = plan.score(model, tokenized, on_batch)
+        del model
+        _free_memory()
     return scores
 
 
