@@ -32,6 +32,7 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
+import dataclasses  # noqa: E402
 import functools  # noqa: E402
 import io  # noqa: E402
 import json  # noqa: E402
@@ -58,6 +59,7 @@ sys.path.insert(0, str(REPO_ROOT))
 from pytest_dpo import evaluation, scoring  # noqa: E402
 from pytest_dpo.cache import ScoreCache  # noqa: E402
 from pytest_dpo.evalset import TokenizedEvalSet, load_eval_set, tokenize_eval_set  # noqa: E402
+from pytest_dpo.metrics import aggregate  # noqa: E402
 from pytest_dpo.metrics_names import METRIC_NAMES  # noqa: E402
 from pytest_dpo.models import Checkpoint, discover_checkpoints, load_causal_lm  # noqa: E402
 from pytest_dpo.results import EvalResult, PerExample  # noqa: E402
@@ -726,34 +728,15 @@ def trl_batch_metrics(p: PerExample, batch_size: int) -> dict[str, float]:
     """TRL's `evaluate()` numbers rebuilt from our per-example arrays: per-batch metrics (eval-set order, as TRL's
     sequential eval loader), then the mean of the batch means (the loss weighted by batch size, as Trainer does)."""
     batches = [slice(start, start + batch_size) for start in range(0, len(p), batch_size)]
-    per_batch = [_batch_metrics(p, part) for part in batches]
+    per_batch = [aggregate(_rows_of(p, part)) for part in batches]
     sizes = [len(p.rows[part]) for part in batches]
     metrics = {name: sum(m[name] for m in per_batch) / len(per_batch) for name in METRIC_NAMES}
     metrics["loss"] = sum(m["loss"] * n for m, n in zip(per_batch, sizes)) / sum(sizes)
     return metrics
 
 
-def _batch_metrics(p: PerExample, part: slice) -> dict[str, float]:
-    def mean(values: torch.Tensor) -> float:
-        return values[part].double().mean().item()
-
-    def ratio(numerator: torch.Tensor, denominator: torch.Tensor) -> float:
-        total = denominator[part].double().sum().item()
-        return numerator[part].double().sum().item() / total if total else 0.0
-
-    return {
-        "loss": mean(p.losses),
-        "rewards/chosen": mean(p.chosen_rewards),
-        "rewards/rejected": mean(p.rejected_rewards),
-        "rewards/margins": mean(p.margins),
-        "rewards/accuracies": mean((p.chosen_rewards > p.rejected_rewards).double()),
-        "logps/chosen": mean(p.policy_chosen_logps),
-        "logps/rejected": mean(p.policy_rejected_logps),
-        "logits/chosen": ratio(p.chosen_logits_sum, p.chosen_scored_tokens),
-        "logits/rejected": ratio(p.rejected_logits_sum, p.rejected_scored_tokens),
-        "entropy": ratio(p.chosen_entropy_sum + p.rejected_entropy_sum, p.chosen_scored_tokens + p.rejected_scored_tokens),
-        "mean_token_accuracy": ratio(p.chosen_top1, p.chosen_scored_tokens),
-    }
+def _rows_of(p: PerExample, part: slice) -> PerExample:
+    return PerExample(**{column.name: getattr(p, column.name)[part] for column in dataclasses.fields(PerExample)})
 
 
 def relative_difference(ours: float, theirs: float) -> float:

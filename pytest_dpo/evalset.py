@@ -371,7 +371,9 @@ def check_tokenizer(tokenizer: Any, eval_set: EvalSet, tokenizer_source: str) ->
         )
 
 
-def tokenize_eval_set(eval_set: EvalSet, tokenizer: Any, max_length: int | None, truncation_mode: str) -> TokenizedEvalSet:
+def tokenize_eval_set(
+    eval_set: EvalSet, tokenizer: Any, max_length: int | None, truncation_mode: str, limit: int | None = None
+) -> TokenizedEvalSet:
     """Tokenize every row exactly as TRL 1.16 `DPOTrainer._prepare_dataset` does.
 
     Steps: extract implicit prompts; append the EOS string to standard-format
@@ -380,10 +382,13 @@ def tokenize_eval_set(eval_set: EvalSet, tokenizer: Any, max_length: int | None,
     conversations); split at the common prefix of the tokenized prompt and
     both full sequences; drop rows whose prompt alone fills `max_length`
     (with `keep_start` truncation). Truncation of the remaining sequences
-    happens when they are batched, as in TRL's collator.
+    happens when they are batched, as in TRL's collator. With `limit`, stop
+    once that many rows are kept (the rest are not tokenized).
     """
     scored, dropped = [], []
     for index, row in enumerate(eval_set.rows):
+        if limit is not None and len(scored) >= limit:
+            break
         prompt_ids, chosen_ids, rejected_ids = _tokenize_row(row, tokenizer, eval_set.conversational)
         if max_length is not None and truncation_mode == "keep_start" and len(prompt_ids) >= max_length:
             dropped.append(index)

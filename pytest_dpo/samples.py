@@ -13,7 +13,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .evalset import TokenizedEvalSet
 
 DEFAULT_MAX_NEW_TOKENS = 64
 
@@ -96,11 +95,6 @@ def _value(text: str) -> Any:
         return json.loads(text)
     except ValueError:
         return text
-
-
-def sample_rows(tokenized: TokenizedEvalSet, count: int) -> list[Any]:
-    """The first `count` scored rows (rows TRL drops for length are skipped, as scoring skips them)."""
-    return tokenized.rows[:count]
 
 
 def generate_completions(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], settings: GenerationSettings) -> list[str]:

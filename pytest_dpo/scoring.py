@@ -15,6 +15,7 @@ rounding.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -213,7 +214,7 @@ def _shared_prompt_sums(
         attention_mask=torch.cat([prompt_attention.repeat_interleave(2, dim=0), completion_attention], dim=1),
         position_ids=positions,
         use_cache=True,
-        **{_cache_argument(backbone): cache},
+        **{_cache_argument(type(backbone)): cache},
     ).last_hidden_state
     # The first completion token is predicted from the prompt's last position, the others from the completion's.
     predicting = torch.cat(
@@ -223,9 +224,10 @@ def _shared_prompt_sums(
     return sums, completion_attention
 
 
-def _cache_argument(backbone: torch.nn.Module) -> str:
+@functools.cache
+def _cache_argument(backbone_class: type) -> str:
     """transformers 5 renamed `past_key_values` to `cache` (the old name goes in 5.40)."""
-    return "cache" if "cache" in inspect.signature(backbone.forward).parameters else "past_key_values"
+    return "cache" if "cache" in inspect.signature(backbone_class.forward).parameters else "past_key_values"
 
 
 def _truncated(row: TokenizedRow, max_length: int | None) -> bool:

@@ -197,13 +197,13 @@ class DPOSession:
         if checkpoint_id in self.samples:
             return self.samples[checkpoint_id]
         from .evalset import tokenize_eval_set
-        from .samples import generate_completions, pair_samples, sample_rows
+        from .samples import generate_completions, pair_samples
 
         settings = self.config.settings
         tokenizer = self.tokenizer(checkpoint_id)
-        rows = sample_rows(
-            tokenize_eval_set(self.eval_set, tokenizer, settings.max_length, settings.truncation_mode), self.config.samples
-        )
+        rows = tokenize_eval_set(
+            self.eval_set, tokenizer, settings.max_length, settings.truncation_mode, limit=self.config.samples
+        ).rows
         prompts = [row.prompt_ids for row in rows]
         reference = self.reference(checkpoint_id)
         reference_key = (reference.describe(), *map(tuple, prompts))

@@ -8,11 +8,8 @@ simulations are the same on every run; sign-test p-values against sums done by h
 from __future__ import annotations
 
 import doctest
-import inspect
 import math
-import re
-import textwrap
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from fractions import Fraction
 
 import pytest
@@ -37,6 +34,8 @@ from pytest_dpo.stats import (
     t_quantile,
     wilson_interval,
 )
+
+from .docstring_examples import docstring_tests
 
 SHA = "a" * 64
 FINITE = st.floats(min_value=-50.0, max_value=50.0, allow_nan=False, width=32)
@@ -537,14 +536,6 @@ def test_docstring_doctests_hold() -> None:
     assert outcome.attempted >= 8 and outcome.failed == 0
 
 
-def docstring_tests(function: Callable) -> list[Callable]:
-    """The `test_*` functions of the ```py example in `function`'s docstring."""
-    (source,) = re.findall(r"```py\n(.*?)```", inspect.getdoc(function), flags=re.DOTALL)
-    namespace: dict = {}
-    exec(compile(textwrap.dedent(source), f"<{function.__name__} docstring>", "exec"), namespace)
-    tests = [value for name, value in namespace.items() if name.startswith("test_")]
-    assert tests
-    return tests
 
 
 def test_docstring_examples_pass_on_a_good_result_and_fail_on_a_bad_one() -> None:

@@ -7,12 +7,10 @@ docstrings are run as the tests they show.
 
 from __future__ import annotations
 
-import inspect
 import math
 import re
 import subprocess
 import sys
-import textwrap
 from collections.abc import Callable
 
 import pytest
@@ -26,6 +24,8 @@ from pytest_dpo.metrics import aggregate, build_per_example
 from pytest_dpo.results import EvalResult, SequenceScores
 from pytest_dpo.settings import DPOSettings, SettingsError
 from pytest_dpo.strategies import eval_results, per_example_logps, preference_rows
+
+from .docstring_examples import docstring_tests
 
 FAST = settings(deadline=None, max_examples=40)
 
@@ -198,14 +198,6 @@ def test_eval_results_refuse_bad_arguments_when_defined() -> None:
 # ------------------------------------------------------------------------------------------
 
 
-def docstring_tests(function: Callable) -> list[Callable]:
-    """The `test_*` functions of the ```py example in `function`'s docstring."""
-    (source,) = re.findall(r"```py\n(.*?)```", inspect.getdoc(function), flags=re.DOTALL)
-    namespace: dict = {}
-    exec(compile(textwrap.dedent(source), f"<{function.__name__} docstring>", "exec"), namespace)
-    tests = [value for name, value in namespace.items() if name.startswith("test_")]
-    assert tests
-    return tests
 
 
 @pytest.mark.parametrize("strategy", [preference_rows, per_example_logps, eval_results], ids=lambda s: s.__name__)
