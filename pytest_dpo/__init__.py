@@ -13,6 +13,8 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "evaluate": "pytest_dpo.evaluation",
+    "FROM_RUN": "pytest_dpo.run_settings",
+    "CheckpointSettings": "pytest_dpo.run_settings",
     "EvalResult": "pytest_dpo.results",
     "PerExample": "pytest_dpo.results",
     "DPOSettings": "pytest_dpo.settings",

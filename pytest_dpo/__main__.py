@@ -13,9 +13,11 @@ from dataclasses import fields
 from pathlib import Path
 
 from .settings import FLAG_SETTINGS, DPOSettings, SettingsError
+from .spelling import option, spelled_for
 
 
 def _parser() -> argparse.ArgumentParser:
+    """The command line; settings flags are spelt by `option()`, so call it inside `spelled_for("cli")`."""
     parser = argparse.ArgumentParser(prog="python -m pytest_dpo", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("evaluate", help="evaluate checkpoints and print TRL's DPO eval metrics")
@@ -25,11 +27,14 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--json", metavar="FILE", help="also write metrics and per-example arrays to FILE")
     help_texts = DPOSettings.help_texts()
     for field in fields(DPOSettings):
-        flag = f"--{field.name.replace('_', '-')}"
+        flag = option(field.name)
         if field.name in FLAG_SETTINGS:
             run.add_argument(flag, dest=field.name, help=help_texts[field.name], action="store_const", const="true")
         else:
-            run.add_argument(flag, dest=field.name, help=help_texts[field.name], default=None)
+            text = help_texts[field.name]
+            if "default" not in text:
+                text += f" (default: {_default_text(field.default)})"
+            run.add_argument(flag, dest=field.name, help=text, default=None)
     report = commands.add_parser(
         "report", help="re-render dpo_summary.md and dpo_metrics.png from DIR/dpo_report.json (no models)"
     )
@@ -37,15 +42,24 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _settings(args: argparse.Namespace) -> DPOSettings:
+def _default_text(default: object) -> str:
+    if isinstance(default, tuple):
+        return ",".join(str(part) for part in default)
+    return str(default)
+
+
+def _given_settings(args: argparse.Namespace) -> dict[str, str]:
+    """The settings given on the command line, as text by field name."""
     values = {field.name: getattr(args, field.name) for field in fields(DPOSettings)}
-    try:
-        return DPOSettings.from_text({name: text for name, text in values.items() if text is not None})
-    except SettingsError as error:
-        raise SettingsError(error.field, f"--{error.field.replace('_', '-')}: {error}") from None
+    return {name: text for name, text in values.items() if text is not None}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    with spelled_for("cli"):
+        return _main(argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "report":
         return _rerender(Path(args.directory))
@@ -56,29 +70,41 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .evaluation import evaluate_with_settings
     from .models import CheckpointError, discover_checkpoints
     from .report import metrics_table
+    from .run_settings import COMMAND_LINE, resolve_settings
 
     try:
-        settings = _settings(args)
-        eval_set = load_eval_set(args.eval_set)
+        given = _given_settings(args)
+        settings = DPOSettings.from_text(given)
+        try:
+            eval_set = load_eval_set(args.eval_set)
+        except EvalSetError as error:
+            raise EvalSetError(f"{option('eval_set')}: {error}") from None
         checkpoints = [
             found for spec in args.checkpoints for found in discover_checkpoints(spec, allow_pickle=settings.allow_pickle)
         ]
         print(f"eval set {eval_set.path}: {len(eval_set)} rows, {eval_set.format}, sha256 {eval_set.sha256[:12]}")
         results = []
         for checkpoint in checkpoints:
-            result = evaluate_with_settings(checkpoint, eval_set, args.reference, settings)
+            resolved = resolve_settings(settings, dict.fromkeys(given, COMMAND_LINE), checkpoint.path)
+            result = evaluate_with_settings(checkpoint, eval_set, args.reference, resolved.settings)
             print(f"{checkpoint.name}: {checkpoint.path} vs {result.reference}")
+            print(f"  settings: {resolved.describe()}")
+            for warning in resolved.warnings:
+                print(f"  warning: {warning}")
             results.append(result)
-    except (SettingsError, EvalSetError, CheckpointError) as error:
+    except SettingsError as error:
+        print(f"error: {option(error.field)}: {error}", file=sys.stderr)
+        return 2
+    except (EvalSetError, CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(f"settings: {json.dumps(results[0].settings)}")
     print(metrics_table(results))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as handle:
             json.dump(
-                [{"checkpoint": r.checkpoint, "metrics": r.metrics, "per_example": r.per_example.to_dict(),
-                  "dropped_rows": r.dropped_rows, "eval_set_sha256": r.eval_set_sha256} for r in results],
+                [{"checkpoint": r.checkpoint, "metrics": r.metrics, "settings": r.settings,
+                  "per_example": r.per_example.to_dict(), "dropped_rows": r.dropped_rows,
+                  "eval_set_sha256": r.eval_set_sha256} for r in results],
                 handle,
                 indent=1,
             )

@@ -17,8 +17,9 @@ from typing import NamedTuple
 
 import torch
 
-from .metrics_names import NON_FINITE_CAUSE, non_finite_text
+from .metrics_names import non_finite_cause, non_finite_text
 from .results import EvalResult, PerExample
+from .stats import check_interval_method
 
 __all__ = [
     "assert_no_regression",
@@ -53,7 +54,9 @@ _BY_REJECTED = _Ranking("rejected_rewards", "rejected", "rejected reward", worst
 _ROW_COLUMNS = (_BY_MARGIN, _BY_CHOSEN, _BY_REJECTED)
 
 
-def assert_margin_positive(result: EvalResult, *, at_least: float = 0.0, confidence: float | None = None) -> None:
+def assert_margin_positive(
+    result: EvalResult, *, at_least: float = 0.0, confidence: float | None = None, method: str = "t"
+) -> None:
     """Assert that the mean reward margin `rewards/margins` is above `at_least`.
 
     Args:
@@ -65,6 +68,9 @@ def assert_margin_positive(result: EvalResult, *, at_least: float = 0.0, confide
             If given (e.g. `0.95`), the bound of the metric's confidence interval must clear
             the threshold, not just the point estimate (Wilson interval for the accuracy,
             Student t for means; see `pytest_dpo.stats`).
+        method (`str`, *optional*, defaults to `"t"`):
+            How the interval of a mean is computed with `confidence`: `"t"` (Student t) or
+            `"bootstrap"` (seeded percentile bootstrap). The accuracy always uses Wilson.
 
     Raises:
         `AssertionError`: if the margin is not above `at_least` or is NaN or infinite; the message
@@ -78,10 +84,12 @@ def assert_margin_positive(result: EvalResult, *, at_least: float = 0.0, confide
     ```
     """
     __tracebackhide__ = True
-    _assert_metric(result, "rewards/margins", at_least, above=True, ranking=_BY_MARGIN, confidence=confidence)
+    _assert_metric(result, "rewards/margins", at_least, above=True, ranking=_BY_MARGIN, confidence=confidence, method=method)
 
 
-def assert_accuracy_above(result: EvalResult, threshold: float, *, confidence: float | None = None) -> None:
+def assert_accuracy_above(
+    result: EvalResult, threshold: float, *, confidence: float | None = None, method: str = "t"
+) -> None:
     """Assert that the reward accuracy `rewards/accuracies` is strictly above `threshold`.
 
     Args:
@@ -94,6 +102,9 @@ def assert_accuracy_above(result: EvalResult, threshold: float, *, confidence: f
             If given (e.g. `0.95`), the bound of the metric's confidence interval must clear
             the threshold, not just the point estimate (Wilson interval for the accuracy,
             Student t for means; see `pytest_dpo.stats`).
+        method (`str`, *optional*, defaults to `"t"`):
+            How the interval of a mean is computed with `confidence`: `"t"` (Student t) or
+            `"bootstrap"` (seeded percentile bootstrap). The accuracy always uses Wilson.
 
     Raises:
         `AssertionError`: if the accuracy is not above `threshold` or is NaN or infinite; the message
@@ -107,10 +118,12 @@ def assert_accuracy_above(result: EvalResult, threshold: float, *, confidence: f
     ```
     """
     __tracebackhide__ = True
-    _assert_metric(result, "rewards/accuracies", threshold, above=True, ranking=_BY_MARGIN, confidence=confidence)
+    _assert_metric(result, "rewards/accuracies", threshold, above=True, ranking=_BY_MARGIN, confidence=confidence, method=method)
 
 
-def assert_loss_below(result: EvalResult, threshold: float, *, confidence: float | None = None) -> None:
+def assert_loss_below(
+    result: EvalResult, threshold: float, *, confidence: float | None = None, method: str = "t"
+) -> None:
     """Assert that the eval `loss` is strictly below `threshold`.
 
     Args:
@@ -122,6 +135,9 @@ def assert_loss_below(result: EvalResult, threshold: float, *, confidence: float
             If given (e.g. `0.95`), the bound of the metric's confidence interval must clear
             the threshold, not just the point estimate (Wilson interval for the accuracy,
             Student t for means; see `pytest_dpo.stats`).
+        method (`str`, *optional*, defaults to `"t"`):
+            How the interval of a mean is computed with `confidence`: `"t"` (Student t) or
+            `"bootstrap"` (seeded percentile bootstrap). The accuracy always uses Wilson.
 
     Raises:
         `AssertionError`: if the loss is not below `threshold` or is NaN or infinite; the message
@@ -135,10 +151,12 @@ def assert_loss_below(result: EvalResult, threshold: float, *, confidence: float
     ```
     """
     __tracebackhide__ = True
-    _assert_metric(result, "loss", threshold, above=False, ranking=_BY_LOSS, confidence=confidence)
+    _assert_metric(result, "loss", threshold, above=False, ranking=_BY_LOSS, confidence=confidence, method=method)
 
 
-def assert_chosen_reward_above(result: EvalResult, threshold: float, *, confidence: float | None = None) -> None:
+def assert_chosen_reward_above(
+    result: EvalResult, threshold: float, *, confidence: float | None = None, method: str = "t"
+) -> None:
     """Assert that the mean chosen reward `rewards/chosen` is strictly above `threshold`.
 
     Args:
@@ -150,6 +168,9 @@ def assert_chosen_reward_above(result: EvalResult, threshold: float, *, confiden
             If given (e.g. `0.95`), the bound of the metric's confidence interval must clear
             the threshold, not just the point estimate (Wilson interval for the accuracy,
             Student t for means; see `pytest_dpo.stats`).
+        method (`str`, *optional*, defaults to `"t"`):
+            How the interval of a mean is computed with `confidence`: `"t"` (Student t) or
+            `"bootstrap"` (seeded percentile bootstrap). The accuracy always uses Wilson.
 
     Raises:
         `AssertionError`: if the chosen reward is not above `threshold` or is NaN or infinite; the
@@ -163,10 +184,12 @@ def assert_chosen_reward_above(result: EvalResult, threshold: float, *, confiden
     ```
     """
     __tracebackhide__ = True
-    _assert_metric(result, "rewards/chosen", threshold, above=True, ranking=_BY_CHOSEN, confidence=confidence)
+    _assert_metric(result, "rewards/chosen", threshold, above=True, ranking=_BY_CHOSEN, confidence=confidence, method=method)
 
 
-def assert_rejected_reward_below(result: EvalResult, threshold: float, *, confidence: float | None = None) -> None:
+def assert_rejected_reward_below(
+    result: EvalResult, threshold: float, *, confidence: float | None = None, method: str = "t"
+) -> None:
     """Assert that the mean rejected reward `rewards/rejected` is strictly below `threshold`.
 
     Args:
@@ -178,6 +201,9 @@ def assert_rejected_reward_below(result: EvalResult, threshold: float, *, confid
             If given (e.g. `0.95`), the bound of the metric's confidence interval must clear
             the threshold, not just the point estimate (Wilson interval for the accuracy,
             Student t for means; see `pytest_dpo.stats`).
+        method (`str`, *optional*, defaults to `"t"`):
+            How the interval of a mean is computed with `confidence`: `"t"` (Student t) or
+            `"bootstrap"` (seeded percentile bootstrap). The accuracy always uses Wilson.
 
     Raises:
         `AssertionError`: if the rejected reward is not below `threshold` or is NaN or infinite; the
@@ -191,7 +217,7 @@ def assert_rejected_reward_below(result: EvalResult, threshold: float, *, confid
     ```
     """
     __tracebackhide__ = True
-    _assert_metric(result, "rewards/rejected", threshold, above=False, ranking=_BY_REJECTED, confidence=confidence)
+    _assert_metric(result, "rewards/rejected", threshold, above=False, ranking=_BY_REJECTED, confidence=confidence, method=method)
 
 
 def assert_metrics_finite(result: EvalResult) -> None:
@@ -307,17 +333,25 @@ def assert_no_regression(
 
 
 def _assert_metric(
-    result: EvalResult, metric: str, threshold: float, *, above: bool, ranking: _Ranking, confidence: float | None = None
+    result: EvalResult,
+    metric: str,
+    threshold: float,
+    *,
+    above: bool,
+    ranking: _Ranking,
+    confidence: float | None = None,
+    method: str = "t",
 ) -> None:
     __tracebackhide__ = True
+    check_interval_method(method)
     value = _metric_value(result, metric)
     relation = "above" if above else "below"
     if not math.isfinite(value):
-        claim = f"{metric} is {non_finite_text(value)}, not {relation} {_number(threshold)}: {NON_FINITE_CAUSE}"
+        claim = f"{metric} is {non_finite_text(value)}, not {relation} {_number(threshold)}: {non_finite_cause()}"
     elif confidence is not None:
         from .stats import metric_interval
 
-        interval = metric_interval(result, metric, confidence)
+        interval = metric_interval(result, metric, confidence, method)
         bound = interval.low if above else interval.high
         if (bound > threshold) if above else (bound < threshold):
             return
@@ -366,6 +400,8 @@ def _worst_lines(result: EvalResult, ranking: _Ranking) -> list[str]:
 
 def _example_lines(result: EvalResult, positions: list[int], describe: Callable[[int], str]) -> list[str]:
     """Per example: its eval-set row, `describe(position)`, and its prompt snippet on the next line."""
+    if not positions:
+        return []
     rows = [int(result.per_example.rows[position]) for position in positions]
     row_width = max(len(str(row)) for row in rows)
     lines = []

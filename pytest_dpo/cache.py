@@ -4,12 +4,16 @@ A key covers everything that changes a model's per-example log-probs: the
 model's weights fingerprint, dtype and device type, and the exact token ids
 of the eval set with the truncation settings (so any change to an eval row,
 the tokenizer, the chat template or `max_length` is a different key). DPO's
-`beta` and loss type only enter later, in `metrics.py`, so the cached scores
-serve every beta and loss.
+`beta`, loss type, f-divergence, `ld_alpha` and `use_weighting` only enter
+later, in `metrics.py`, so the cached scores serve all of them: an entry
+holds the sums they are computed from (LD-DPO's shared-length sums depend on
+each row pair's lengths, which the token ids in the key fix).
 
 Entries are safetensors files (no pickle), written to a temporary file and
 renamed into place, so a crash never leaves a half-written entry under its
 name; an entry that cannot be read or does not fit is removed and recomputed.
+`CACHE_FORMAT` is part of the key and of each entry, so entries written
+before a change of what an entry holds are misses, never misread.
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ from typing import Any
 from .evalset import TokenizedEvalSet
 from .results import SequenceScores
 
-CACHE_FORMAT = 1
+# 2: entries hold the log sum p^2 and LD-DPO shared-length sums, and top-1 hits break ties as TRL does.
+CACHE_FORMAT = 2
 
 
 def tokens_digest(tokenized: TokenizedEvalSet, max_length: int | None, truncation_mode: str) -> str:

@@ -9,12 +9,13 @@ cannot disagree. No pytest import here: the plugin turns `ConfigError` into
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
-from dataclasses import dataclass, fields
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from .gates import Gate, GateError, parse_gates
+from .run_settings import COMMAND_LINE, INI
 from .samples import GenerationError, GenerationSettings
 from .settings import FLAG_SETTINGS, DPOSettings, SettingsError
 
@@ -121,6 +122,7 @@ PUBLISH_OPTIONS = (
 )
 ALL_OPTIONS = RUN_OPTIONS + SETTING_OPTIONS + LOCK_OPTIONS + REPORT_OPTIONS + CACHE_OPTIONS + PUBLISH_OPTIONS
 PUSH_WHICH = ("all", "last")
+_GIT_BRANCH = re.compile(r"[A-Za-z0-9_][\w./-]*")
 
 
 @dataclass(frozen=True)
@@ -151,6 +153,8 @@ class RunConfig:
     eval_set: str | None
     settings: DPOSettings
     gates: tuple[Gate, ...]
+    # The settings given on the command line or in the ini file, each with where: they win over the run's own.
+    explicit_settings: Mapping[str, str] = field(default_factory=dict)
     publish: PublishConfig = PublishConfig()
     cache_dir: str | None = None
     use_cache: bool = True
@@ -165,6 +169,12 @@ class RunConfig:
     def active(self) -> bool:
         """The plugin has work to do: at least one checkpoint was given."""
         return bool(self.checkpoints)
+
+
+def setting_error(error: SettingsError) -> ConfigError:
+    """A settings error as the plugin says it: prefixed with the option and its ini key (`--dpo-beta / dpo_beta`)."""
+    spec = next(s for s in SETTING_OPTIONS if s.name == error.field)
+    return ConfigError(f"{spec.both}: {error}")
 
 
 def read_run_config(
@@ -191,11 +201,11 @@ def read_run_config(
 
     checkpoints = option("dpo_checkpoint") or [str(path) for path in ini("dpo_checkpoint")]
     settings_text = {spec.name: value for spec in SETTING_OPTIONS if (value := text(spec)) is not None}
+    explicit_settings = {name: COMMAND_LINE if option(f"dpo_{name}") is not None else INI for name in settings_text}
     try:
         settings = DPOSettings.from_text(settings_text)
     except SettingsError as error:
-        spec = next(s for s in SETTING_OPTIONS if s.name == error.field)
-        raise ConfigError(f"{spec.both}: {error}") from None
+        raise setting_error(error) from None
     gate_lines, gate_source = (option("dpo_gate"), "--dpo-gate") if option("dpo_gate") else (ini("dpo_gates"), "dpo_gates")
     try:
         gates = parse_gates(gate_lines or [], gate_source)
@@ -206,6 +216,7 @@ def read_run_config(
         reference=_ini_relative(option("dpo_reference"), ini("dpo_reference"), ini_dir),
         eval_set=_ini_relative(option("dpo_eval_set"), ini("dpo_eval_set"), ini_dir),
         settings=settings,
+        explicit_settings=explicit_settings,
         gates=gates,
         publish=_read_publish(option, ini, ini_dir),
         cache_dir=_ini_relative(option("dpo_cache_dir"), ini("dpo_cache_dir"), ini_dir, must_exist=False),
@@ -217,6 +228,10 @@ def read_run_config(
         samples=_sample_count(option("dpo_samples") or ini("dpo_samples") or "0"),
         generation=_generation(option, ini),
     )
+    for spec_name, folder in (("report", config.report_dir), ("cache_dir", config.cache_dir), ("save_dir", config.publish.save_dir)):
+        if folder is not None and Path(folder).exists() and not Path(folder).is_dir():
+            spec = next(s for s in ALL_OPTIONS if s.name == spec_name)
+            raise ConfigError(f"{spec.both}: {folder} is a file, not a folder. Give a folder path (it is created if missing).")
     if config.active and config.eval_set is None:
         spec = next(s for s in RUN_OPTIONS if s.name == "eval_set")
         raise ConfigError(f"{spec.both}: no eval set given. Pass the frozen preference eval set the checkpoints are scored on.")
@@ -251,7 +266,10 @@ def _read_publish(option: Callable[[str], Any], ini: Callable[[str], Any], ini_d
 
     which = option("dpo_push_which") or ini("dpo_push_which") or "all"
     if which not in PUSH_WHICH:
-        raise ConfigError(f"--dpo-push-which / dpo_push_which: {which!r} is not one of {', '.join(PUSH_WHICH)}.")
+        raise ConfigError(
+            f"--dpo-push-which / dpo_push_which: {which!r} is not one of {', '.join(PUSH_WHICH)}. Choose all (every "
+            "passing checkpoint, in training-step order) or last (only the last passing one)."
+        )
     push_to = option("dpo_push_to") or ini("dpo_push_to") or None
     if push_to is not None and not re.fullmatch(r"[\w.-]{1,96}/[\w.-]{1,96}", push_to):
         raise ConfigError(
@@ -268,10 +286,16 @@ def _read_publish(option: Callable[[str], Any], ini: Callable[[str], Any], ini_d
             f"--dpo-push-timeout / dpo_push_timeout: {timeout_text!r} is not a number of seconds > 0. "
             "Give how long each Hub request may take, e.g. 60."
         )
+    revision = option("dpo_push_revision") or ini("dpo_push_revision") or "main"
+    if not _GIT_BRANCH.fullmatch(revision) or ".." in revision or revision.endswith((".", "/", ".lock")):
+        raise ConfigError(
+            f"--dpo-push-revision / dpo_push_revision: {revision!r} is not a branch name. Use letters, digits, "
+            "'-', '_', '.' and '/', e.g. release or releases/v2."
+        )
     return PublishConfig(
         save_dir=_ini_relative(option("dpo_save_dir"), ini("dpo_save_dir"), ini_dir, must_exist=False),
         push_to=push_to,
-        revision=option("dpo_push_revision") or ini("dpo_push_revision") or "main",
+        revision=revision,
         which=which,
         private=flag("private"),
         create_pr=flag("push_pr"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,9 @@ from .models import (
 )
 from .results import EvalResult, SequenceScores
 from .scoring import score
+from .run_settings import ARGUMENT, FROM_RUN, FromRun, resolve_settings
 from .settings import DPOSettings
+from .spelling import option, spelled_for
 
 if TYPE_CHECKING:
     from .distributed import World
@@ -42,13 +45,17 @@ def evaluate(
     eval_set: str | Path | EvalSet | Sequence[dict[str, Any]],
     reference: str | Path | None = None,
     *,
-    beta: float = 0.1,
-    loss_type: str | Sequence[str] = "sigmoid",
-    loss_weights: Sequence[float] | None = None,
-    max_length: int | None = 1024,
-    truncation_mode: str = "keep_start",
-    label_smoothing: float = 0.0,
-    discopop_tau: float = 0.05,
+    beta: float | FromRun = FROM_RUN,
+    loss_type: str | Sequence[str] | FromRun = FROM_RUN,
+    loss_weights: Sequence[float] | None | FromRun = FROM_RUN,
+    max_length: int | None | FromRun = FROM_RUN,
+    truncation_mode: str | FromRun = FROM_RUN,
+    label_smoothing: float | FromRun = FROM_RUN,
+    discopop_tau: float | FromRun = FROM_RUN,
+    ld_alpha: float | None | FromRun = FROM_RUN,
+    f_divergence_type: str | FromRun = FROM_RUN,
+    f_alpha_divergence_coef: float | FromRun = FROM_RUN,
+    use_weighting: bool | FromRun = FROM_RUN,
     batch_size: int = 8,
     device: str | None = None,
     dtype: str | None = None,
@@ -75,6 +82,25 @@ def evaluate(
             with the adapter disabled, or the `base_model` of the TRL model card.
         beta, loss_type, loss_weights, max_length, truncation_mode,
         label_smoothing, discopop_tau: as in TRL's `DPOConfig`.
+        ld_alpha (`float`, *optional*): LD-DPO's weight of the completion
+            tokens beyond the shorter completion's length, in [0, 1]; changes
+            the log-probs, rewards and losses. None: standard DPO.
+        f_divergence_type (`str`, *optional*): the f-DPO regularizer
+            (`reverse_kl`, `forward_kl`, `js_divergence`, `alpha_divergence`);
+            non-default only with the loss types built on the chosen-rejected
+            reward difference, as in TRL.
+        f_alpha_divergence_coef (`float`, *optional*): alpha of the `alpha_divergence`.
+        use_weighting (`bool`, *optional*): WPO weighting of each pair's loss by
+            the policy's length-normalized probabilities.
+
+            Each of these training settings defaults to `FROM_RUN`: the value the
+            checkpoint's run trained with (its TRL `training_args.bin`, read
+            without executing it), else TRL's default (`beta=0.1`,
+            `loss_type="sigmoid"`, `max_length=1024`, `truncation_mode="keep_start"`,
+            `label_smoothing=0.0`, `discopop_tau=0.05`, `ld_alpha=None`,
+            `f_divergence_type="reverse_kl"`, `f_alpha_divergence_coef=0.5`,
+            `use_weighting=False`). A value given here wins. Training settings whose
+            effect cannot be reproduced are reported with `warnings.warn`.
         batch_size (`int`, *optional*, defaults to 8): rows per forward pass.
         device (`str`, *optional*): default cuda if available, else cpu.
         dtype (`str`, *optional*): `float32`, `bfloat16` or `float16`; default
@@ -107,24 +133,40 @@ def evaluate(
         >>> result.metrics["rewards/accuracies"]
         0.71875
     """
-    settings = DPOSettings(
-        beta=beta,
-        loss_type=loss_type,
-        loss_weights=None if loss_weights is None else tuple(loss_weights),
-        max_length=max_length,
-        truncation_mode=truncation_mode,
-        label_smoothing=label_smoothing,
-        discopop_tau=discopop_tau,
-        batch_size=batch_size,
-        device=device,
-        dtype=dtype,
-        share_prompt=share_prompt,
-        allow_pickle=allow_pickle,
-        trust_remote_code=trust_remote_code,
-        device_map=device_map,
-    )
-    cache = ScoreCache(cache_dir) if cache_dir is not None else None
-    return evaluate_with_settings(checkpoint, eval_set, reference, settings, cache)
+    training = {
+        "beta": beta,
+        "loss_type": loss_type,
+        "loss_weights": loss_weights,
+        "max_length": max_length,
+        "truncation_mode": truncation_mode,
+        "label_smoothing": label_smoothing,
+        "discopop_tau": discopop_tau,
+        "ld_alpha": ld_alpha,
+        "f_divergence_type": f_divergence_type,
+        "f_alpha_divergence_coef": f_alpha_divergence_coef,
+        "use_weighting": use_weighting,
+    }
+    given = {name: value for name, value in training.items() if value is not FROM_RUN}
+    if isinstance(given.get("loss_weights"), Sequence):
+        given["loss_weights"] = tuple(given["loss_weights"])
+    with spelled_for("python"):
+        base = DPOSettings(
+            **given,
+            batch_size=batch_size,
+            device=device,
+            dtype=dtype,
+            share_prompt=share_prompt,
+            allow_pickle=allow_pickle,
+            trust_remote_code=trust_remote_code,
+            device_map=device_map,
+        )
+        options = LoadOptions.of(base)
+        target = checkpoint if isinstance(checkpoint, Checkpoint) else _single_checkpoint(checkpoint, options)
+        resolved = resolve_settings(base, dict.fromkeys(given, ARGUMENT), target.path)
+        for warning in resolved.warnings:
+            warnings.warn(warning, UserWarning, stacklevel=2)
+        cache = ScoreCache(cache_dir) if cache_dir is not None else None
+        return evaluate_with_settings(target, eval_set, reference, resolved.settings, cache)
 
 
 def evaluate_with_settings(
@@ -152,7 +194,7 @@ def evaluate_with_settings(
     if not tokenized.rows:
         raise EvalSetError(
             f"{data.path}: every row's prompt alone fills max_length={settings.max_length} tokens, so TRL would drop "
-            "them all and nothing is left to score. Raise max_length (--dpo-max-length) or shorten the prompts."
+            f"them all and nothing is left to score. Raise max_length ({option('max_length')}) or shorten the prompts."
         )
     device = choose_device(settings.device)
     dtype = choose_dtype(settings.dtype, device)

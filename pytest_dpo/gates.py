@@ -11,7 +11,14 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from .metrics_names import METRIC_NAMES, NON_FINITE_CAUSE, PER_EXAMPLE_METRICS, non_finite_text
+from .metrics_names import (
+    DEFAULT_INTERVAL_METHOD,
+    INTERVAL_METHODS,
+    METRIC_NAMES,
+    PER_EXAMPLE_METRICS,
+    non_finite_cause,
+    non_finite_text,
+)
 
 
 OPERATORS: dict[str, Callable[[float, float], bool]] = {
@@ -25,7 +32,7 @@ OPERATORS: dict[str, Callable[[float, float], bool]] = {
 _GATE = re.compile(
     r"^\s*(?P<metric>[A-Za-z_][\w/]*)\s*(?P<op>>=|<=|==|!=|>|<)\s*"
     r"(?P<threshold>[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)"
-    r"(?:\s*@\s*(?P<confidence>\d+(?:\.\d+)?)\s*%)?\s*$"
+    r"(?:\s*@\s*(?P<confidence>\d+(?:\.\d+)?)\s*%(?:\s+(?P<method>[A-Za-z_]+))?)?\s*$"
 )
 
 
@@ -41,15 +48,20 @@ class Gate:
         metric (`str`): a TRL metric name (an `eval_` prefix is accepted and dropped).
         operator (`str`): one of `>=`, `>`, `<=`, `<`, `==`, `!=`.
         threshold (`float`): the number the metric is compared with.
+        confidence (`float`, *optional*): with it, the interval's bound must clear the threshold.
+        method (`str`, *optional*, defaults to `"t"`): how a mean's interval is computed (`t` or `bootstrap`).
     """
 
     metric: str
     operator: str
     threshold: float
     confidence: float | None = None
+    method: str = DEFAULT_INTERVAL_METHOD
 
     def __str__(self) -> str:
         suffix = f" @{self.confidence * 100:g}%" if self.confidence is not None else ""
+        if self.method != DEFAULT_INTERVAL_METHOD:
+            suffix += f" {self.method}"
         return f"{self.metric} {self.operator} {self.threshold:g}{suffix}"
 
     @property
@@ -69,7 +81,7 @@ class Gate:
         if not math.isfinite(value):
             return (
                 f"{checkpoint}: gate failed: {self.metric} is {non_finite_text(value)}, required {self.operator} "
-                f"{self.threshold:g}: {NON_FINITE_CAUSE}."
+                f"{self.threshold:g}: {non_finite_cause()}."
             )
         text = f"{checkpoint}: gate failed: {self.metric} = {value:.6g}, required {self.operator} {self.threshold:g}"
         if interval is not None:
@@ -104,7 +116,13 @@ def parse_gate(text: str, where: str) -> Gate:
                 f"{where}: {metric} is token-weighted, so it has no per-example confidence interval. "
                 f"Confidence gates work for: {', '.join(PER_EXAMPLE_METRICS)}."
             )
-    return Gate(metric, match.group("op"), float(match.group("threshold")), confidence)
+    method = match.group("method") or DEFAULT_INTERVAL_METHOD
+    if method not in INTERVAL_METHODS:
+        raise GateError(
+            f"{where}: unknown interval method {method!r} in gate {text.strip()!r}. Write one of "
+            f"{', '.join(INTERVAL_METHODS)} after the level, e.g. `rewards/margins > 0 @95% bootstrap`."
+        )
+    return Gate(metric, match.group("op"), float(match.group("threshold")), confidence, method)
 
 
 def parse_gates(lines: Sequence[str], source: str = "dpo_gates") -> tuple[Gate, ...]:

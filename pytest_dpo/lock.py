@@ -42,6 +42,7 @@ def row_hashes(eval_set: EvalSet) -> list[str]:
     """The canonical SHA-256 of each row, in eval-set order.
 
     A row's hash is `canonical_sha256([row])`: the row's `prompt`/`chosen`/`rejected`
+    (and a conversational row's `tools`/`chat_template_kwargs`, when it has them)
     as compact, key-sorted JSON, exactly as the eval set's own `sha256` sees it,
     so the same row in any file format or key order has the same hash.
 

@@ -17,6 +17,64 @@ from .results import PerExample, SequenceScores
 from .settings import DPOSettings
 
 
+def sequence_logps(scores: SequenceScores, ld_alpha: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A model's chosen and rejected completion log-probs as TRL sums them.
+
+    Without `ld_alpha`, the sum over all completion tokens. With it (LD-DPO),
+    the tokens within the shorter completion's length count fully and those
+    beyond it `ld_alpha` times.
+    """
+    if ld_alpha is None:
+        return scores.chosen_logps, scores.rejected_logps
+    chosen_shared = _computed(scores.chosen_shared_logps, "ld_alpha")
+    rejected_shared = _computed(scores.rejected_shared_logps, "ld_alpha")
+    return (
+        chosen_shared + ld_alpha * (scores.chosen_logps - chosen_shared),
+        rejected_shared + ld_alpha * (scores.rejected_logps - rejected_shared),
+    )
+
+
+def wpo_weights(policy: SequenceScores) -> torch.Tensor:
+    """TRL's WPO weight of each pair: for each completion exp(mean over its scored tokens of
+    log p(token) - log sum_v p_v^2), the chosen's times the rejected's."""
+    chosen_sq = _computed(policy.chosen_log_sum_sq_probs, "use_weighting")
+    rejected_sq = _computed(policy.rejected_log_sum_sq_probs, "use_weighting")
+    chosen = _wpo_weight(policy.chosen_logps, chosen_sq, policy.chosen_scored_tokens)
+    rejected = _wpo_weight(policy.rejected_logps, rejected_sq, policy.rejected_scored_tokens)
+    return chosen * rejected
+
+
+def _wpo_weight(logps: torch.Tensor, log_sum_sq_probs: torch.Tensor, scored_tokens: torch.Tensor) -> torch.Tensor:
+    return torch.exp((logps - log_sum_sq_probs) / scored_tokens.clamp(min=1))
+
+
+def _computed(values: torch.Tensor | None, setting: str) -> torch.Tensor:
+    if values is None:
+        raise ValueError(
+            f"{setting} needs per-sequence sums these SequenceScores do not have (hand-built scores); "
+            "score the model with pytest_dpo.scoring.score."
+        )
+    return values
+
+
+def f_divergence_scores(logratios: torch.Tensor, f_divergence_type: str, alpha_coef: float = 0.5) -> torch.Tensor:
+    """TRL's f-DPO scores f'(policy / reference) of the log-ratios, which replace them in the losses built on
+    the chosen-rejected reward difference (reverse_kl: the log-ratios themselves)."""
+    if f_divergence_type == "reverse_kl":
+        return logratios
+    if f_divergence_type == "forward_kl":
+        return 1 - torch.exp(-logratios)
+    if f_divergence_type == "js_divergence":
+        return math.log(2) + F.logsigmoid(logratios)
+    if f_divergence_type == "alpha_divergence":
+        if abs(alpha_coef - 1.0) < 1e-6:  # TRL's limit case f'(t) -> log t: reverse_kl
+            return logratios
+        exponent = (alpha_coef - 1.0) * logratios
+        # TRL clamps so that exp() stays representable after the cast back to the log-ratios' dtype.
+        clamp_max = 11.0 if exponent.dtype == torch.float16 else 80.0
+        return (torch.exp(exponent.float().clamp(max=clamp_max)) - 1.0).to(exponent.dtype) * (1.0 / (alpha_coef - 1.0))
+    raise ValueError(f"Unknown f_divergence_type '{f_divergence_type}'.")
+
 
 def loss_per_example(
     loss_type: str,
@@ -30,17 +88,23 @@ def loss_per_example(
     beta: float,
     label_smoothing: float = 0.0,
     discopop_tau: float = 0.05,
+    f_divergence_type: str = "reverse_kl",
+    f_alpha_divergence_coef: float = 0.5,
 ) -> torch.Tensor:
     """One TRL loss type, one value per example.
 
     `chosen_tokens`/`rejected_tokens` are the completion lengths TRL's length
-    normalisation uses (ipo, sigmoid_norm). For `sft`, TRL's loss is the
-    token-weighted mean of the chosen completions' negative log-probs; each
-    example gets its token-weighted share, so the mean over examples is that
-    loss exactly.
+    normalisation uses (ipo, sigmoid_norm). The losses built on the
+    chosen-rejected reward difference (sigmoid, hinge, ipo, exo_pair, robust,
+    discopop, sigmoid_norm) take the log-ratios through `f_divergence_scores`;
+    the others take them as they are. For `sft`, TRL's loss is the
+    token-weighted mean of the chosen completions' negative log-probs
+    (`policy_chosen_logps`, plain sums); each example gets its token-weighted
+    share, so the mean over examples is that loss exactly.
     """
-    delta = chosen_logratios - rejected_logratios
-    logits = beta * delta
+    chosen_scores = f_divergence_scores(chosen_logratios, f_divergence_type, f_alpha_divergence_coef)
+    rejected_scores = f_divergence_scores(rejected_logratios, f_divergence_type, f_alpha_divergence_coef)
+    logits = beta * (chosen_scores - rejected_scores)
     chosen_rewards = beta * chosen_logratios
     rejected_rewards = beta * rejected_logratios
     if loss_type == "sigmoid":
@@ -48,14 +112,14 @@ def loss_per_example(
     if loss_type == "hinge":
         return torch.relu(1 - logits)
     if loss_type in ("ipo", "sigmoid_norm"):
-        chosen_avg = chosen_logratios / chosen_tokens.clamp(min=1.0)
-        rejected_avg = rejected_logratios / rejected_tokens.clamp(min=1.0)
+        chosen_avg = chosen_scores / chosen_tokens.clamp(min=1.0)
+        rejected_avg = rejected_scores / rejected_tokens.clamp(min=1.0)
         avg_delta = chosen_avg - rejected_avg
         if loss_type == "ipo":
             return (avg_delta - 1 / (2 * beta)) ** 2
         return -F.logsigmoid(beta * avg_delta)
     if loss_type == "exo_pair":
-        epsilon = torch.tensor(label_smoothing, dtype=delta.dtype)
+        epsilon = torch.tensor(label_smoothing, dtype=logits.dtype)
         qw, log_qw = torch.sigmoid(logits), F.logsigmoid(logits)
         ql, log_ql = torch.sigmoid(-logits), F.logsigmoid(-logits)
         return qw * (log_qw - torch.log1p(-epsilon)) + ql * (log_ql - torch.log(epsilon))
@@ -72,7 +136,7 @@ def loss_per_example(
     if loss_type == "apo_zero":
         return (1 - torch.sigmoid(chosen_rewards)) + torch.sigmoid(rejected_rewards)
     if loss_type == "apo_down":
-        return torch.sigmoid(chosen_rewards) + (1 - torch.sigmoid(beta * delta))
+        return torch.sigmoid(chosen_rewards) + (1 - torch.sigmoid(beta * (chosen_logratios - rejected_logratios)))
     if loss_type == "discopop":
         modulation = torch.sigmoid(logits / discopop_tau)
         return -F.logsigmoid(logits) * (1 - modulation) + torch.exp(-logits) * modulation
@@ -88,9 +152,14 @@ def combined_losses(
     reference_rejected_logps: torch.Tensor,
     settings: DPOSettings,
 ) -> torch.Tensor:
-    """The weighted sum of `settings.loss_type`'s losses, one value per example."""
-    chosen_logratios = policy.chosen_logps - reference_chosen_logps
-    rejected_logratios = policy.rejected_logps - reference_rejected_logps
+    """The weighted sum of `settings.loss_type`'s losses, one value per example, times the pair's WPO weight
+    with `use_weighting`.
+
+    The reference log-probs are summed as TRL sums them (`sequence_logps` with `settings.ld_alpha`).
+    """
+    policy_chosen_logps, policy_rejected_logps = sequence_logps(policy, settings.ld_alpha)
+    chosen_logratios = policy_chosen_logps - reference_chosen_logps
+    rejected_logratios = policy_rejected_logps - reference_rejected_logps
     total = torch.zeros_like(chosen_logratios)
     for loss_type, weight in zip(settings.loss_type, settings.weights, strict=True):
         total = total + weight * loss_per_example(
@@ -99,31 +168,39 @@ def combined_losses(
             rejected_logratios,
             policy.chosen_tokens.to(chosen_logratios.dtype),
             policy.rejected_tokens.to(chosen_logratios.dtype),
+            # TRL's sft loss reads the per-token log-probs, never the LD-DPO sums.
             policy.chosen_logps,
             policy.chosen_scored_tokens.to(chosen_logratios.dtype),
             beta=settings.beta,
             label_smoothing=settings.label_smoothing,
             discopop_tau=settings.discopop_tau,
+            f_divergence_type=settings.f_divergence_type,
+            f_alpha_divergence_coef=settings.f_alpha_divergence_coef,
         )
-    return total
+    return total * wpo_weights(policy) if settings.use_weighting else total
 
 
 def build_per_example(
     rows: torch.Tensor, policy: SequenceScores, reference: SequenceScores, settings: DPOSettings
 ) -> PerExample:
-    """Combine the policy's and the reference's scores into the per-example arrays."""
-    chosen_rewards = settings.beta * (policy.chosen_logps - reference.chosen_logps)
-    rejected_rewards = settings.beta * (policy.rejected_logps - reference.rejected_logps)
+    """Combine the policy's and the reference's scores into the per-example arrays.
+
+    The log-probs (and so the rewards) are TRL's: with `settings.ld_alpha`, the LD-DPO sums of both models.
+    """
+    policy_chosen_logps, policy_rejected_logps = sequence_logps(policy, settings.ld_alpha)
+    reference_chosen_logps, reference_rejected_logps = sequence_logps(reference, settings.ld_alpha)
+    chosen_rewards = settings.beta * (policy_chosen_logps - reference_chosen_logps)
+    rejected_rewards = settings.beta * (policy_rejected_logps - reference_rejected_logps)
     return PerExample(
         rows=rows,
-        policy_chosen_logps=policy.chosen_logps,
-        policy_rejected_logps=policy.rejected_logps,
-        reference_chosen_logps=reference.chosen_logps,
-        reference_rejected_logps=reference.rejected_logps,
+        policy_chosen_logps=policy_chosen_logps,
+        policy_rejected_logps=policy_rejected_logps,
+        reference_chosen_logps=reference_chosen_logps,
+        reference_rejected_logps=reference_rejected_logps,
         chosen_rewards=chosen_rewards,
         rejected_rewards=rejected_rewards,
         margins=chosen_rewards - rejected_rewards,
-        losses=combined_losses(policy, reference.chosen_logps, reference.rejected_logps, settings),
+        losses=combined_losses(policy, reference_chosen_logps, reference_rejected_logps, settings),
         chosen_tokens=policy.chosen_tokens,
         rejected_tokens=policy.rejected_tokens,
         chosen_scored_tokens=policy.chosen_scored_tokens,

@@ -1,5 +1,7 @@
 """TRL's DPO eval metric names (without the `eval_` prefix), importable without torch."""
 
+from .spelling import option
+
 METRIC_NAMES = (
     "loss",
     "rewards/chosen",
@@ -18,11 +20,16 @@ METRIC_NAMES = (
 # others are token-weighted.
 PER_EXAMPLE_METRICS = METRIC_NAMES[:7]
 
-# Why a metric is NaN or infinite, and what to do: said by every gate and helper that meets one.
-NON_FINITE_CAUSE = (
-    "the checkpoint's weights or logits contain NaN/inf. Check its weights (assert_metrics_finite lists the "
-    "rows), or evaluate in float32 (--dpo-dtype float32) if float16 overflowed"
-)
+# How the confidence interval of a mean is computed; `rewards/accuracies` always gets Wilson's.
+INTERVAL_METHODS = ("t", "bootstrap")
+DEFAULT_INTERVAL_METHOD = "t"
+
+def non_finite_cause() -> str:
+    """Why a metric is NaN or infinite, and what to do: said by every gate and helper that meets one."""
+    return (
+        "the checkpoint's weights or logits contain NaN/inf. Check its weights (assert_metrics_finite lists the "
+        f"rows), or evaluate in float32 ({option('dtype')} float32) if float16 overflowed"
+    )
 
 
 def non_finite_text(value: float) -> str:

@@ -16,6 +16,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .settings import SettingsError
+from .spelling import flag, option
+
 if TYPE_CHECKING:
     import torch
 
@@ -112,7 +115,7 @@ def discover_checkpoints(spec: str | Path, *, allow_pickle: bool = False) -> lis
     `output_dir`, which expands to its `checkpoint-N` folders in step order
     plus the final model at its root when that differs from the last one.
     `allow_pickle` also accepts folders whose weights are only pickles
-    (`--dpo-allow-pickle`).
+    (the `allow_pickle` setting).
 
     Raises:
         CheckpointError: nothing there, or folders without usable weights.
@@ -187,11 +190,46 @@ def _checkpoint(path: Path, allow_pickle: bool) -> Checkpoint:
     if (path / ADAPTER_CONFIG).exists():
         if not _has_adapter_weights(path, allow_pickle):
             _refuse_missing_weights(path, adapter=True)
-        config = json.loads((path / ADAPTER_CONFIG).read_text())
+        config = _json_object(path / ADAPTER_CONFIG)
         return Checkpoint(path, path.name, "adapter", step, config.get("base_model_name_or_path"))
     if not _has_model_weights(path, allow_pickle):
         _refuse_missing_weights(path, adapter=False)
     return Checkpoint(path, path.name, "model", step, _model_card_base_model(path))
+
+
+def _json_object(path: Path) -> dict[str, Any]:
+    """A checkpoint's JSON file (config, adapter config, weight index) as a dict, or an error naming the damage."""
+    again = "Copy the checkpoint again from where it was saved."
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise CheckpointError(
+            f"{path}: not valid JSON ({error.msg} at line {error.lineno} column {error.colno}): the file is damaged "
+            f"or was cut short. {again}"
+        ) from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{path}: cannot read it ({error}). {again}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}. {again}")
+    return data
+
+
+def _refuse_damaged(folder: Path) -> None:
+    """Name a model folder's damaged JSON file or missing weight shard before from_pretrained fails on it vaguely."""
+    if (folder / "config.json").is_file():
+        _json_object(folder / "config.json")
+    index = folder / MODEL_WEIGHTS[1]
+    if not index.is_file():
+        return
+    weight_map = _json_object(index).get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index}: has no weight_map. Copy the checkpoint again from where it was saved.")
+    for shard in sorted(set(map(str, weight_map.values()))):
+        if not (folder / shard).is_file():
+            raise CheckpointError(
+                f"{folder / shard}: missing, but {index.name} lists it: the checkpoint was copied only in part. "
+                "Copy the checkpoint again from where it was saved."
+            )
 
 
 def _refuse_missing_weights(path: Path, *, adapter: bool) -> None:
@@ -200,14 +238,13 @@ def _refuse_missing_weights(path: Path, *, adapter: bool) -> None:
         raise CheckpointError(
             f"{path / pickles[0]}: weights are stored only as a pickle, which can run arbitrary code when loaded. "
             "Re-save the checkpoint with `save_pretrained(..., safe_serialization=True)` to get safetensors, or, if "
-            "you trust where it came from, pass --dpo-allow-pickle to load it anyway (python -m pytest_dpo: "
-            "--allow-pickle; evaluate(): allow_pickle=True)."
+            f"you trust where it came from, pass {flag('allow_pickle')} to load it anyway."
         )
     bare = sorted(file.name for file in path.glob("*.pt*") if file.suffix in (".pt", ".pth") and not TRAINING_STATE.match(file.name))
     if bare:
         raise CheckpointError(
             f"{path / bare[0]}: weights saved with torch.save, a pickle that from_pretrained cannot load (not even with "
-            "--dpo-allow-pickle). Load them into the model and save it with `save_pretrained(..., "
+            f"{flag('allow_pickle')}). Load them into the model and save it with `save_pretrained(..., "
             "safe_serialization=True)`."
         )
     expected = ADAPTER_WEIGHTS if adapter else "model.safetensors"
@@ -279,7 +316,7 @@ def _refuse_other_vocabulary(checkpoint: Checkpoint, reference: Reference) -> No
         raise CheckpointError(
             f"{other / 'config.json'}: the reference has vocab_size {sizes[1]}, but the checkpoint's "
             f"{policy / 'config.json'} has {sizes[0]}; log-probs over different vocabularies cannot be compared. "
-            "Pass as reference the model the DPO run started from (--dpo-reference / reference=...)."
+            f"Pass as reference the model the DPO run started from ({option('reference')})."
         )
 
 
@@ -300,7 +337,7 @@ def _resolve_reference(checkpoint: Checkpoint, reference: str | Path | None, all
         if (path / ADAPTER_CONFIG).exists():
             if not _has_adapter_weights(path, allow_pickle):
                 _refuse_missing_weights(path, adapter=True)
-            base = json.loads((path / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+            base = _json_object(path / ADAPTER_CONFIG).get("base_model_name_or_path")
             return Reference("adapter", str(path), _adapter_base(path, base))
         if path.exists() and not _has_weights(path, allow_pickle):
             _refuse_missing_weights(path, adapter=False)
@@ -309,7 +346,7 @@ def _resolve_reference(checkpoint: Checkpoint, reference: str | Path | None, all
         if not checkpoint.base_model:
             raise CheckpointError(
                 f"{checkpoint.path / ADAPTER_CONFIG}: no base_model_name_or_path, so the reference is unknown. "
-                "Pass the base model as reference (--dpo-reference / reference=...)."
+                f"Pass the base model as reference ({option('reference')})."
             )
         return Reference("base", _adapter_base(checkpoint.path, checkpoint.base_model))
     if checkpoint.base_model:
@@ -318,11 +355,11 @@ def _resolve_reference(checkpoint: Checkpoint, reference: str | Path | None, all
             return Reference("model", located)
         raise CheckpointError(
             f"{checkpoint.path}: its model card names base_model '{checkpoint.base_model}', which is not a local "
-            "folder. Pass the reference (the model the DPO run started from) with --dpo-reference / reference=..."
+            f"folder. Pass the reference (the model the DPO run started from) with {option('reference')}"
         )
     raise CheckpointError(
         f"{checkpoint.path}: no reference model given and no base_model in a TRL model card (README.md). "
-        "Pass the model the DPO run started from with --dpo-reference / reference=..."
+        f"Pass the model the DPO run started from with {option('reference')}"
     )
 
 
@@ -398,12 +435,47 @@ def choose_device(device: str | None, worker_index: int | None = None) -> str:
     import torch
 
     if device is not None:
+        check_device(device)
         return device
     if not torch.cuda.is_available():
         return "cpu"
     if worker_index is not None and torch.cuda.device_count() > 1:
         return f"cuda:{worker_index % torch.cuda.device_count()}"
     return "cuda"
+
+
+def check_device(device: str) -> None:
+    """Refuse a device torch cannot name, or one this machine does not have, naming the setting and the fix.
+
+    Raises:
+        SettingsError: for the `device` setting.
+    """
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise SettingsError(
+            "device", f"{device!r} is not a torch device. Use cpu, cuda, cuda:N or mps."
+        ) from None
+    if parsed.type == "cpu" or parsed.type == "meta":
+        return
+    backend = getattr(torch, parsed.type, None)
+    available = getattr(backend, "is_available", lambda: False)() if parsed.type != "mps" else torch.backends.mps.is_available()
+    if not available:
+        built = "" if parsed.type != "cuda" or torch.version.cuda else f" (this torch {torch.__version__} is built without CUDA)"
+        raise SettingsError(
+            "device",
+            f"{device!r} asks for a {parsed.type} device, but this machine has none{built}. "
+            f"Leave {option('device')} unset to use the best device found, or pass cpu.",
+        )
+    count = backend.device_count() if parsed.type != "mps" else 1
+    if parsed.index is not None and parsed.index >= count:
+        raise SettingsError(
+            "device",
+            f"{device!r} names {parsed.type} device {parsed.index}, but this machine has {count} "
+            f"(indices 0 to {count - 1}). Pick an existing index, or leave {option('device')} unset.",
+        )
 
 
 def checkpoint_ids(checkpoints: list[Checkpoint]) -> list[str]:
@@ -493,6 +565,7 @@ def _pretrained(name_or_path: str, device: str, dtype: torch.dtype, options: Loa
         _refuse_remote_code(folder / "config.json", options)
         if not _has_model_weights(folder, options.allow_pickle):
             _refuse_missing_weights(folder, adapter=False)
+        _refuse_damaged(folder)
     try:
         with _quiet_loading():
             model = AutoModelForCausalLM.from_pretrained(
@@ -557,7 +630,7 @@ def _require_accelerate() -> None:
 
     if importlib.util.find_spec("accelerate") is None:
         raise CheckpointError(
-            "--dpo-device-map / dpo_device_map needs accelerate to place the model over the GPUs: "
+            f"{option('device_map')} needs accelerate to place the model over the GPUs: "
             "pip install 'pytest-dpo[big]' (or pip install accelerate)."
         )
 
@@ -580,8 +653,8 @@ def _refuse_remote_code(file: Path, options: LoadOptions) -> None:
         classes = ", ".join(sorted(remote)) if isinstance(remote, dict) else str(remote)
         raise CheckpointError(
             f"{file}: its auto_map ({classes}) asks to run Python code from the repo, which pytest-dpo never does "
-            "unless told. Pass --dpo-trust-remote-code if you trust this repo's code (python -m pytest_dpo: "
-            "--trust-remote-code; evaluate(): trust_remote_code=True), or use a model transformers supports natively."
+            f"unless told. Pass {flag('trust_remote_code')} if you trust this repo's code, or use a model "
+            "transformers supports natively."
         )
 
 

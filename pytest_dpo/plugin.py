@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -43,6 +43,7 @@ _SESSION = pytest.StashKey["DPOSession | None"]()
 _VERDICTS = pytest.StashKey[Verdicts]()
 _NO_CHECKPOINT = "no-dpo-checkpoint"
 _INI_DEFAULTS = {"paths": [], "linelist": [], "bool": False}
+VALUE_FLAGS = frozenset(spec.flag for spec in ALL_OPTIONS if not spec.is_flag)
 
 
 def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
@@ -64,10 +65,18 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         parser.addini(spec.ini, spec.help, type=spec.ini_type, default=_INI_DEFAULTS.get(spec.ini_type, ""))
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_load_initial_conftests(early_config: pytest.Config, args: list[str]) -> None:
+    """`--dpo-checkpoint PATH` (a space, not `=`): read the ini file pytest would have read knowing our options."""
+    from .ini_choice import reconsider_ini
+
+    reconsider_ini(early_config, args, VALUE_FLAGS)
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "dpo_checkpoint(name): set by pytest-dpo on the tests of one checkpoint")
     try:
-        run_config = read_run_config(config.getoption, config.getini, config.inipath.parent if config.inipath else None)
+        run_config = read_run_config(config.getoption, _ini_reader(config), config.inipath.parent if config.inipath else None)
     except ConfigError as error:
         raise pytest.UsageError(str(error)) from None
     dpo_session = _start_session(config, run_config) if run_config.active else None
@@ -76,6 +85,20 @@ def pytest_configure(config: pytest.Config) -> None:
     if dpo_session is None:
         return
     config.pluginmanager.register(ActiveRun(config, dpo_session), "dpo-active-run")
+
+
+def _ini_reader(config: pytest.Config) -> Callable[[str], Any]:
+    """`config.getini`, with pytest's own parse errors (`invalid truth value 'maybe'`) naming the key and the fix."""
+    types = {spec.ini: spec.ini_type for spec in ALL_OPTIONS}
+
+    def ini(key: str) -> Any:
+        try:
+            return config.getini(key)
+        except (ValueError, pytest.UsageError) as error:
+            expected = "true or false" if types.get(key) == "bool" else "a value pytest can read"
+            raise ConfigError(f"{key} in {config.inipath}: {error}. Write {expected}.") from None
+
+    return ini
 
 
 def _start_session(config: pytest.Config, run_config: RunConfig) -> DPOSession:
@@ -130,7 +153,7 @@ def _progress_context(config: pytest.Config) -> Any:
 def _dpo_session(config: pytest.Config) -> DPOSession:
     dpo_session = config.stash[_SESSION]
     if dpo_session is None:
-        raise pytest.UsageError("no DPO checkpoint configured: pass --dpo-checkpoint PATH or set dpo_checkpoint.")
+        raise pytest.UsageError("no DPO checkpoint configured: pass --dpo-checkpoint=PATH or set dpo_checkpoint.")
     return dpo_session
 
 
@@ -139,7 +162,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         return
     dpo_session = metafunc.config.stash[_SESSION]
     if dpo_session is None:
-        reason = "no DPO checkpoint: pass --dpo-checkpoint PATH or set dpo_checkpoint in the ini file"
+        reason = "no DPO checkpoint: pass --dpo-checkpoint=PATH or set dpo_checkpoint in the ini file"
         params = [pytest.param(None, id=_NO_CHECKPOINT, marks=pytest.mark.skip(reason=reason))]
     else:
         params = [pytest.param(checkpoint_id, id=checkpoint_id) for checkpoint_id in dpo_session.ids]
@@ -164,7 +187,7 @@ class GateItem(pytest.Item):
         if self.gate.confidence is not None:
             from .stats import metric_interval
 
-            interval = metric_interval(result, self.gate.metric, self.gate.confidence)
+            interval = metric_interval(result, self.gate.metric, self.gate.confidence, self.gate.method)
             value = getattr(interval, self.gate.bound)
         if not self.gate.passes(value):
             raise GateFailed(self.gate.failure_message(self.checkpoint_id, result.metrics, interval))
@@ -205,6 +228,30 @@ class ActiveRun:
         self.is_main = self.world is None or self.world.is_main
         self.publication: PublicationReport | None = None
         self.report_lines: list[str] = []
+
+    def pytest_report_header(self) -> list[str]:
+        """The eval set, the columns it ignores, each checkpoint's settings with their sources, and warnings."""
+        from .session import EvaluationFailed
+
+        eval_set = self.dpo_session.eval_set
+        lines = [f"dpo eval set: {eval_set.path} ({len(eval_set)} rows, {eval_set.format}, sha256 {eval_set.sha256[:12]})"]
+        lines += [f"dpo eval set: {note}" for note in eval_set.notes]
+        if eval_set.ignored_columns:
+            lines.append(f"dpo eval set ignored columns: {', '.join(eval_set.ignored_columns)}")
+        described: dict[str, list[str]] = {}
+        warnings: list[str] = []
+        for checkpoint_id in self.dpo_session.ids:
+            try:
+                resolved = self.dpo_session.checkpoint_settings(checkpoint_id)
+            except EvaluationFailed as error:
+                warnings.append(f"{checkpoint_id}: {error}")
+                continue
+            described.setdefault(resolved.describe(), []).append(checkpoint_id)
+            warnings += [f"{checkpoint_id}: {warning}" for warning in resolved.warnings]
+        for description, checkpoint_ids in described.items():
+            which = "" if len(described) == 1 else f" ({', '.join(checkpoint_ids)})"
+            lines.append(f"dpo settings{which}: {description}")
+        return lines + [f"dpo warning: {warning}" for warning in warnings]
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_collection_modifyitems(self, session: pytest.Session, items: list[pytest.Item]) -> None:
@@ -351,6 +398,7 @@ class ActiveRun:
                 evaluate_seconds=session.timings.get(checkpoint_id),
                 samples=self.samples.get(checkpoint_id, ()),
                 checkpoint_id=checkpoint_id,
+                settings=self._settings_record(checkpoint_id),
             )
             for checkpoint_id in session.ids
         ]
@@ -365,6 +413,14 @@ class ActiveRun:
         lines: list[str] = []
         written = write_report(Path(session.config.report_dir or "."), report, per_example_of(entries), log=lines.append)
         return lines + [f"wrote {path}" for path in written]
+
+    def _settings_record(self, checkpoint_id: str) -> dict[str, Any] | None:
+        from .session import EvaluationFailed
+
+        try:
+            return self.dpo_session.checkpoint_settings(checkpoint_id).to_dict()
+        except EvaluationFailed:
+            return None
 
     def _publish(self, session: pytest.Session) -> PublicationReport:
         from .publish import PublicationReport, publish

@@ -152,6 +152,10 @@ class ReportEntry:
             each `{"row": int, "prompt": str, "policy": str, "reference": str}`.
         per_example (`Mapping[str, list]`, *optional*): the per-example arrays
             (`PerExample.to_dict()`); written to `dpo_per_example.json`, not to the main report.
+        settings (`Mapping`, *optional*): where each setting came from and the training settings not
+            reproduced (`CheckpointSettings.to_dict()`).
+        non_finite_rows (`int`, *optional*): scored rows whose loss is NaN or infinite; as in TRL, they make
+            `loss` and the other means over rows NaN.
     """
 
     id: str
@@ -166,6 +170,8 @@ class ReportEntry:
     intervals: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     samples: Sequence[Mapping[str, Any]] = ()
     per_example: Mapping[str, list] = field(default_factory=dict)
+    settings: Mapping[str, Any] = field(default_factory=dict)
+    non_finite_rows: int = 0
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -194,6 +200,7 @@ def report_entry(
     intervals: Mapping[str, Mapping[str, Any]] | None = None,
     samples: Sequence[Mapping[str, Any]] = (),
     checkpoint_id: str | None = None,
+    settings: Mapping[str, Any] | None = None,
 ) -> ReportEntry:
     """The report entry of a checkpoint from what a session holds; `result` is None when its evaluation failed.
 
@@ -212,6 +219,8 @@ def report_entry(
         intervals=dict(intervals or {}),
         samples=tuple(samples),
         per_example=result.per_example.to_dict() if result else {},
+        settings=dict(settings or {}),
+        non_finite_rows=int((~result.per_example.losses.isfinite()).sum()) if result else 0,
     )
 
 
@@ -294,6 +303,7 @@ def _checkpoint_record(entry: ReportEntry) -> dict[str, Any]:
             "metrics": {name: _float(entry.metrics[name]) for name in known + others},
             "scored_rows": entry.scored_rows,
             "dropped_rows": [int(row) for row in entry.dropped_rows],
+            "non_finite_rows": entry.non_finite_rows,
             "timings": {"evaluate_seconds": entry.evaluate_seconds},
             "intervals": {metric: dict(interval) for metric, interval in entry.intervals.items()},
             "samples": [
@@ -302,6 +312,7 @@ def _checkpoint_record(entry: ReportEntry) -> dict[str, Any]:
                 for s in entry.samples
             ],
         }
+        | ({"settings": dict(entry.settings)} if entry.settings else {})
     )
 
 
@@ -487,6 +498,14 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         step = "—" if checkpoint["step"] is None else str(checkpoint["step"])
         verdict = "✅ passed" if checkpoint["verdict"]["passed"] else "❌ failed"
         lines.append(f"| {_markdown_cell(checkpoint['id'])} | {step} | {numbers} | {verdict} |")
+    non_finite = [(c["id"], c["non_finite_rows"]) for c in checkpoints if c.get("non_finite_rows")]
+    for checkpoint_id, count in non_finite:
+        lines += ["", f"**{_markdown_cell(checkpoint_id)}:** {count} scored rows have a NaN or infinite loss, so "
+                  "`loss` and the means over rows are NaN (as in TRL's `evaluate()`)."]
+    warnings = [(c["id"], warning) for c in checkpoints for warning in c.get("settings", {}).get("warnings", ())]
+    if warnings:
+        lines += ["", "## ⚠️ Training settings not reproduced", ""]
+        lines += [f"- {_markdown_cell(checkpoint_id)}: {_markdown_cell(warning)}" for checkpoint_id, warning in warnings]
     for checkpoint in checkpoints:
         if not checkpoint["verdict"]["passed"]:
             lines += ["", *_held_back(checkpoint)]

@@ -17,6 +17,13 @@ class SequenceScores:
     sequence; `*_scored_tokens` count those that have a preceding token and so
     get a log-prob (they differ only when a completion starts the sequence).
     The logit, entropy and top-1 sums feed TRL's token-weighted metrics.
+
+    `*_log_sum_sq_probs` sum `log sum_v p_v^2` of each scored token's
+    next-token distribution (WPO's weights). `*_shared_logps` sum the
+    log-probs of the first K scored completion tokens, K the smaller of the
+    row's two scored-token counts (LD-DPO's shared part). Both are filled by
+    `scoring.score`; they are None only in hand-built scores, which then
+    cannot be evaluated with `use_weighting` or `ld_alpha`.
     """
 
     chosen_logps: torch.Tensor
@@ -30,6 +37,10 @@ class SequenceScores:
     chosen_entropy_sum: torch.Tensor
     rejected_entropy_sum: torch.Tensor
     chosen_top1: torch.Tensor
+    chosen_log_sum_sq_probs: torch.Tensor | None = None
+    rejected_log_sum_sq_probs: torch.Tensor | None = None
+    chosen_shared_logps: torch.Tensor | None = None
+    rejected_shared_logps: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.chosen_logps)
@@ -42,6 +53,8 @@ class PerExample:
     `rows` holds each entry's row index in the eval set (rows TRL drops are
     absent, see `EvalResult.dropped_rows`). These arrays are the source of
     truth: every aggregate in `EvalResult.metrics` is computed from them.
+    The log-probs, and the rewards made of them, are those TRL logs: with
+    `ld_alpha`, LD-DPO's sums.
     """
 
     rows: torch.Tensor

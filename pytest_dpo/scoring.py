@@ -1,4 +1,4 @@
-"""Forward passes: per-sequence sums of completion log-probs, logits, entropy and top-1 hits.
+"""Forward passes: per-sequence sums of completion log-probs, logits, entropy, log sum p^2 and top-1 hits.
 
 The LM head runs only on completion positions, a bounded number of tokens at
 a time, and each chunk of logits is reduced at once (what TRL 1.16's fused LM
@@ -131,23 +131,22 @@ def score(
                     share_prompt, shared = False, None
                 if shared is not None:
                     sums, completion = shared
-                    sides = (("chosen", slice(0, None, 2)), ("rejected", slice(1, None, 2)))
+                    layout = _INTERLEAVED
                     scored = completion
                 else:
                     ids, attention, completion = _collate([pairs[i] for i in batch_rows], device)
                     hidden = backbone(input_ids=ids, attention_mask=attention, use_cache=False).last_hidden_state
-                    sums = _completion_sums(hidden[:, :-1], ids[:, 1:], completion[:, 1:].bool(), head, transform)
-                    half = len(batch_rows)
-                    sides = (("chosen", slice(None, half)), ("rejected", slice(half, None)))
+                    layout = _halves(len(batch_rows))
                     scored = completion[:, 1:]
+                    shared_lengths = _shared_lengths(scored.sum(dim=1), layout)
+                    sums = _completion_sums(hidden[:, :-1], ids[:, 1:], scored.bool(), shared_lengths, head, transform)
                 index = torch.tensor(batch_rows)
-                for side, part in sides:
-                    out[f"{side}_logps"][index] = sums["logps"][part].cpu()
-                    out[f"{side}_logits_sum"][index] = sums["logits"][part].cpu()
-                    out[f"{side}_entropy_sum"][index] = sums["entropy"][part].cpu()
+                for side, part in zip(("chosen", "rejected"), layout):
+                    for name in _SUM_NAMES:
+                        out[f"{side}_{name}"][index] = sums[name][part].cpu()
                     counts[f"{side}_tokens"][index] = completion[part].sum(dim=1).cpu()
                     counts[f"{side}_scored_tokens"][index] = scored[part].sum(dim=1).cpu()
-                counts["chosen_top1"][index] = sums["top1"][sides[0][1]].cpu()
+                counts["chosen_top1"][index] = sums["top1"][layout[0]].cpu()
                 if on_batch is not None:
                     on_batch(len(batch_rows))
     finally:
@@ -155,15 +154,27 @@ def score(
     return SequenceScores(**out, **counts)
 
 
-_SUMS = (
-    "chosen_logps",
-    "rejected_logps",
-    "chosen_logits_sum",
-    "rejected_logits_sum",
-    "chosen_entropy_sum",
-    "rejected_entropy_sum",
-)
+# The float per-sequence sums of `_completion_sums`, by their `SequenceScores` names without the side.
+_SUM_NAMES = ("logps", "logits_sum", "entropy_sum", "log_sum_sq_probs", "shared_logps")
+_SUMS = tuple(f"{side}_{name}" for name in _SUM_NAMES for side in ("chosen", "rejected"))
 _COUNTS = ("chosen_tokens", "rejected_tokens", "chosen_scored_tokens", "rejected_scored_tokens", "chosen_top1")
+# Where a batch's chosen and rejected sequences sit: interleaved on the shared-prompt path (row 0 chosen, row 0
+# rejected, row 1 chosen, ...), in two halves on the two-sequence path.
+_INTERLEAVED = (slice(0, None, 2), slice(1, None, 2))
+
+
+def _halves(rows: int) -> tuple[slice, slice]:
+    return slice(None, rows), slice(rows, None)
+
+
+def _shared_lengths(scored_counts: torch.Tensor, layout: tuple[slice, slice]) -> torch.Tensor:
+    """Per sequence, the smaller scored-token count of its row's two sequences: LD-DPO's shared length."""
+    chosen, rejected = layout
+    shorter = torch.minimum(scored_counts[chosen], scored_counts[rejected])
+    lengths = torch.empty_like(scored_counts)
+    lengths[chosen] = shorter
+    lengths[rejected] = shorter
+    return lengths
 
 
 def _batches_by_length(pairs: list[tuple[list[int], ...]], batch_size: int) -> Iterator[list[int]]:
@@ -220,7 +231,9 @@ def _shared_prompt_sums(
     predicting = torch.cat(
         [last_prompt_hidden.repeat_interleave(2, dim=0).unsqueeze(1).to(hidden.device), hidden[:, :-1]], dim=1
     )
-    sums = _completion_sums(predicting, completion_ids, completion_attention.bool(), head, transform)
+    # Every completion token follows a prompt token, so each is scored.
+    shared_lengths = _shared_lengths(completion_attention.sum(dim=1), _INTERLEAVED)
+    sums = _completion_sums(predicting, completion_ids, completion_attention.bool(), shared_lengths, head, transform)
     return sums, completion_attention
 
 
@@ -263,21 +276,29 @@ def _completion_sums(
     hidden: torch.Tensor,
     labels: torch.Tensor,
     mask: torch.Tensor,
+    shared_lengths: torch.Tensor,
     head: torch.nn.Module,
     transform: LogitTransform,
 ) -> dict[str, torch.Tensor]:
-    """Per-sequence sums over completion tokens, with the LM head applied in bounded chunks."""
+    """Per-sequence sums over the scored tokens (`mask`), with the LM head applied in bounded chunks.
+
+    The float sums are keyed by their `_SUM_NAMES`; `shared_logps` sums the log-probs of each sequence's first
+    `shared_lengths` scored tokens. `top1` counts the tokens that are the head's argmax, ties going to the lowest
+    token id as in TRL's fused head.
+    """
     sequences = hidden.shape[0]
     hidden = hidden.to(head.weight.device)
     positions = mask.nonzero(as_tuple=True)
     token_hidden = hidden[positions]
     targets = labels[positions]
     owner = positions[0]
+    # 1-based position of each scored token among its sequence's scored tokens, as TRL's `comp_pos`.
+    in_shared = mask.cumsum(dim=1)[positions] <= shared_lengths[owner]
     vocab = head.weight.shape[0]
     # Two chunk x vocab fp32 tensors are alive at once (logits, their exponentials): at most LOGITS_BUDGET
     # elements, and at most 1/8 of the batch's full (batch x length x vocab) logits.
     chunk = max(1, min(LOGITS_BUDGET // (2 * vocab), hidden.shape[0] * hidden.shape[1] // 16))
-    sums = {name: torch.zeros(sequences, dtype=torch.float32, device=hidden.device) for name in ("logps", "logits", "entropy")}
+    sums = {name: torch.zeros(sequences, dtype=torch.float32, device=hidden.device) for name in _SUM_NAMES}
     top1 = torch.zeros(sequences, dtype=torch.int64, device=hidden.device)
     # Reused across chunks: on CPU a fresh vocab-sized tensor per chunk costs more in page faults than the math.
     rows = min(chunk, len(targets))
@@ -286,18 +307,30 @@ def _completion_sums(
     for start in range(0, len(targets), chunk):
         part = slice(start, start + chunk)
         logits = transform(_head_logits(head, token_hidden[part], logits_buffer))
-        top = logits.amax(dim=-1)
+        # `max` returns the first maximal index, so a tie with a lower token id is not a top-1 hit.
+        top, best = logits.max(dim=-1)
         target_logits = logits.gather(-1, targets[part].unsqueeze(-1)).squeeze(-1)
-        sums["logits"].index_add_(0, owner[part], logits.sum(dim=-1) / vocab)
-        # With s = logits - max and e = exp(s): log Z = max + log sum e, entropy = log sum e - sum(e * s) / sum e.
+        sums["logits_sum"].index_add_(0, owner[part], logits.sum(dim=-1) / vocab)
+        # With s = logits - max and e = exp(s): log Z = max + log sum e, entropy = log sum e - sum(e * s) / sum e,
+        # log sum p^2 = log sum e^2 - 2 log sum e.
         shifted = logits.sub_(top.unsqueeze(-1))
         exponentials = torch.exp(shifted, out=exponentials_buffer[: len(shifted)])
         total = exponentials.sum(dim=-1)
-        expected_shifted = torch.bmm(exponentials.unsqueeze(1), shifted.unsqueeze(2)).view(-1) / total
-        sums["logps"].index_add_(0, owner[part], target_logits - top - torch.log(total))
-        sums["entropy"].index_add_(0, owner[part], torch.log(total) - expected_shifted)
-        top1.index_add_(0, owner[part], (target_logits >= top).long())
+        log_total = torch.log(total)
+        expected_shifted = _row_dots(exponentials, shifted) / total
+        token_logps = target_logits - top - log_total
+        sums["logps"].index_add_(0, owner[part], token_logps)
+        sums["shared_logps"].index_add_(0, owner[part], token_logps * in_shared[part])
+        sums["entropy_sum"].index_add_(0, owner[part], log_total - expected_shifted)
+        log_sum_sq_probs = torch.log(_row_dots(exponentials, exponentials)) - 2 * log_total
+        sums["log_sum_sq_probs"].index_add_(0, owner[part], log_sum_sq_probs)
+        top1.index_add_(0, owner[part], (best == targets[part]).long())
     return {**sums, "top1": top1}
+
+
+def _row_dots(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """Row-wise dot products of two (rows x vocab) tensors, without a third vocab-sized tensor."""
+    return torch.bmm(left.unsqueeze(1), right.unsqueeze(2)).view(-1)
 
 
 def _plain_fp32_head(head: torch.nn.Module) -> bool:

@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .cache import ScoreCache
-from .config import ConfigError, RunConfig
+from .config import ConfigError, RunConfig, setting_error
 from .evalset import EvalSet, EvalSetError, load_eval_set
+from .settings import SettingsError
 from .models import (
     Checkpoint,
     CheckpointError,
@@ -32,6 +33,7 @@ from .models import (
 
 if TYPE_CHECKING:
     from .distributed import World
+    from .run_settings import CheckpointSettings
     from .publish import Release
     from .results import EvalResult
     from .samples import Sample
@@ -46,7 +48,6 @@ def explained_failure(error: BaseException) -> bool:
     """Whether `error` already says what is wrong and what to do (bad input, a failed rank), so its
     traceback would only bury the message."""
     from .distributed import RankFailed
-    from .settings import SettingsError
 
     return isinstance(error, (CheckpointError, EvalSetError, SettingsError, EvaluationFailed, RankFailed))
 
@@ -85,6 +86,7 @@ class DPOSession:
         except EvalSetError as error:
             raise ConfigError(f"--dpo-eval-set / dpo_eval_set: {error}") from None
         self.results: dict[str, EvalResult] = {}
+        self._settings: dict[str, CheckpointSettings] = {}
         self.timings: dict[str, float] = {}
         self._failures: dict[str, str] = {}
         self._device: str | None = None
@@ -97,6 +99,14 @@ class DPOSession:
         self.cache = ScoreCache(cache_dir if world is None or world.is_main else None)
         if world is not None:
             world.check_same("checkpoints or eval set", (self.ids, self.eval_set.sha256))
+        if config.settings.device is not None:
+            from .models import check_device
+
+            try:
+                check_device(config.settings.device)
+            except SettingsError as error:
+                raise setting_error(error) from None
+        self._baseline_checkpoint = self._check_baseline() if config.baseline else None
         if config.samples:
             from .samples import GenerationError
 
@@ -121,6 +131,11 @@ class DPOSession:
         from .models import tokenizer_folder
 
         path = root / (self.config.lock or "")
+        if path.is_dir():
+            raise ConfigError(
+                f"--dpo-lock / dpo_lock: {path} is a folder. Give the lock file's path (default: dpo.lock in the "
+                "rootdir), or none to turn the lock off."
+            )
         first = self.checkpoints[0]
         try:
             reference = resolve_reference(first, self.config.reference, allow_pickle=self.load_options.allow_pickle)
@@ -158,6 +173,24 @@ class DPOSession:
             self.checkpoint(checkpoint_id), self.config.reference, allow_pickle=self.load_options.allow_pickle
         )
 
+    def checkpoint_settings(self, checkpoint_id: str) -> CheckpointSettings:
+        """The settings the checkpoint is scored with (its run's, unless given explicitly), with their sources.
+
+        Raises:
+            EvaluationFailed: the run's saved settings cannot be combined with the explicit ones.
+        """
+        if checkpoint_id not in self._settings:
+            self._settings[checkpoint_id] = self._resolve_settings(self.checkpoint(checkpoint_id))
+        return self._settings[checkpoint_id]
+
+    def _resolve_settings(self, checkpoint: Checkpoint) -> CheckpointSettings:
+        from .run_settings import resolve_settings
+
+        try:
+            return resolve_settings(self.config.settings, self.config.explicit_settings, checkpoint.path)
+        except SettingsError as error:
+            raise EvaluationFailed(str(error)) from None
+
     def result(self, checkpoint_id: str) -> EvalResult:
         """The checkpoint's `EvalResult`, computed on first use; a failure is remembered and raised again."""
         if checkpoint_id in self.results:
@@ -166,9 +199,9 @@ class DPOSession:
             raise EvaluationFailed(self._failures[checkpoint_id])
         from .evaluation import evaluate_with_settings
 
-        settings = dataclasses.replace(self.config.settings, device=self.device)
         started = time.perf_counter()
         try:
+            settings = dataclasses.replace(self.checkpoint_settings(checkpoint_id).settings, device=self.device)
             with self.progress() if self.progress else contextlib.nullcontext():
                 result = evaluate_with_settings(
                     self.checkpoint(checkpoint_id),
@@ -199,7 +232,7 @@ class DPOSession:
         from .evalset import tokenize_eval_set
         from .samples import generate_completions, pair_samples
 
-        settings = self.config.settings
+        settings = self.checkpoint_settings(checkpoint_id).settings
         tokenizer = self.tokenizer(checkpoint_id)
         rows = tokenize_eval_set(
             self.eval_set, tokenizer, settings.max_length, settings.truncation_mode, limit=self.config.samples
@@ -228,25 +261,47 @@ class DPOSession:
         self.samples[checkpoint_id] = pair_samples(rows, tokenizer, policy_texts, self._reference_completions[reference_key])
         return self.samples[checkpoint_id]
 
+    def _check_baseline(self) -> Checkpoint | None:
+        """Refuse a `--dpo-baseline` that is missing, unreadable or of another eval set before anything is scored.
+
+        Returns the baseline checkpoint to evaluate, or None when it is a saved report (loaded here).
+        """
+        path = Path(self.config.baseline or "")
+        where = "--dpo-baseline / dpo_baseline"
+        if not path.exists():
+            raise ConfigError(
+                f"{where}: {path}: not found (resolved from {Path.cwd()}). Give the last release's checkpoint folder, "
+                "or the dpo_report.json (or its folder) that a run with --dpo-report wrote."
+            )
+        if path.is_file() or (path / "dpo_report.json").exists():
+            from .report import ReportError, baseline_from_report
+
+            try:
+                self._baseline = baseline_from_report(path)
+            except ReportError as error:
+                raise ConfigError(f"{where}: {error}") from None
+            if self._baseline.eval_set_sha256 != self.eval_set.sha256:
+                raise ConfigError(
+                    f"{where}: {path} was scored on another eval set (sha256 {self._baseline.eval_set_sha256[:12]}, "
+                    f"this run's {self.eval_set.path} is {self.eval_set.sha256[:12]}), so its rows cannot be paired. "
+                    "Point it at a report of this eval set, or at the release's checkpoint folder to score it here."
+                )
+            return None
+        try:
+            return discover_checkpoints(path, allow_pickle=self.load_options.allow_pickle)[-1]
+        except CheckpointError as error:
+            raise ConfigError(f"{where}: {error}") from None
+
     def baseline(self) -> EvalResult:
         """The result to compare with (`--dpo-baseline`): a checkpoint evaluated like the others, or a saved report."""
         if self._baseline is None:
-            path = Path(self.config.baseline or "")
-            if path.is_file() or (path / "dpo_report.json").exists():
-                from .report import ReportError, baseline_from_report
+            from .evaluation import evaluate_with_settings
 
-                try:
-                    self._baseline = baseline_from_report(path)
-                except ReportError as error:
-                    raise EvaluationFailed(f"--dpo-baseline: {error}") from None
-            else:
-                from .evaluation import evaluate_with_settings
-
-                settings = dataclasses.replace(self.config.settings, device=self.device)
-                (checkpoint,) = discover_checkpoints(path, allow_pickle=self.load_options.allow_pickle)[-1:]
-                # Unsharded on every rank: ranks may first need the baseline at different tests, and a
-                # collective needs all ranks at the same call.
-                self._baseline = evaluate_with_settings(checkpoint, self.eval_set, self.config.reference, settings, self.cache)
+            checkpoint = self._baseline_checkpoint
+            settings = dataclasses.replace(self._resolve_settings(checkpoint).settings, device=self.device)
+            # Unsharded on every rank: ranks may first need the baseline at different tests, and a
+            # collective needs all ranks at the same call.
+            self._baseline = evaluate_with_settings(checkpoint, self.eval_set, self.config.reference, settings, self.cache)
         return self._baseline
 
     def tokenizer(self, checkpoint_id: str) -> Any:

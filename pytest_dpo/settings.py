@@ -7,6 +7,7 @@ Importing this module is cheap: no torch.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -27,6 +28,10 @@ PER_EXAMPLE_LOSS_TYPES = (
 )
 # TRL sorts these over the batch, so a row's loss depends on the other rows of its batch.
 BATCH_DEPENDENT_LOSS_TYPES = ("aot", "aot_unpaired")
+F_DIVERGENCE_TYPES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+# TRL's f-DPO reparameterization leaves a beta * log Z(x) term that cancels only in the chosen-rejected reward
+# difference, so TRL refuses a non-default f-divergence with the other loss types.
+F_DIVERGENCE_LOSS_TYPES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft")
 TRUNCATION_MODES = ("keep_start", "keep_end")
 DTYPES = ("float32", "bfloat16", "float16")
 # accelerate's automatic placements (`from_pretrained(device_map=...)`).
@@ -47,6 +52,10 @@ class SettingsError(ValueError):
 
 def _optional_int(text: str) -> int | None:
     return None if text.strip().lower() in ("none", "null", "") else int(text)
+
+
+def _optional_float(text: str) -> float | None:
+    return None if text.strip().lower() in ("none", "null", "") else float(text)
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -76,6 +85,10 @@ _FROM_TEXT = {
     "loss_weights": _floats,
     "label_smoothing": float,
     "discopop_tau": float,
+    "ld_alpha": _optional_float,
+    "f_divergence_type": str,
+    "f_alpha_divergence_coef": float,
+    "use_weighting": _flag,
     "max_length": _optional_int,
     "truncation_mode": str,
     "batch_size": int,
@@ -90,6 +103,7 @@ _EXPECTED = {
     float: "a number, e.g. 0.1",
     int: "a whole number, e.g. 8",
     _optional_int: "a whole number, or none",
+    _optional_float: "a number, or none",
     _floats: "comma-separated numbers, e.g. 1.0,0.5",
     _flag: "true or false",
 }
@@ -126,6 +140,37 @@ class DPOSettings:
         default=0.05,
         metadata={"help": "Temperature of the discopop loss."},
     )
+    ld_alpha: float | None = field(
+        default=None,
+        metadata={
+            "help": "Alpha of the LD-DPO paper, the weight of the verbose token log-probabilities (beyond the shorter "
+            "completion's length), in [0, 1]: 1.0 applies no weighting, 0.0 masks the tokens beyond the shared "
+            "length; None: standard DPO."
+        },
+    )
+    f_divergence_type: str = field(
+        default="reverse_kl",
+        metadata={
+            "help": "f-divergence regularizer between policy and reference (f-DPO paper): reverse_kl (default), "
+            "forward_kl, js_divergence, alpha_divergence. Only the loss types built on the chosen-rejected reward "
+            "difference support a non-default value: sigmoid, sigmoid_norm, hinge, ipo, exo_pair, robust, discopop, "
+            "sft."
+        },
+    )
+    f_alpha_divergence_coef: float = field(
+        default=0.5,
+        metadata={
+            "help": "Alpha coefficient of the alpha-divergence u^-alpha regularizer, used only when f_divergence_type "
+            "is alpha_divergence."
+        },
+    )
+    use_weighting: bool = field(
+        default=False,
+        metadata={
+            "help": "WPO-style weighting of the preference pairs by the policy's length-normalized sequence "
+            "probabilities."
+        },
+    )
     max_length: int | None = field(
         default=1024,
         metadata={"help": "Maximum tokens of prompt + completion; longer sequences are truncated (None: no limit)."},
@@ -151,7 +196,7 @@ class DPOSettings:
         metadata={
             "help": "auto (or balanced, balanced_low_0, sequential): shard each model over all visible GPUs with "
             "accelerate's big-model loading, for models larger than one GPU; needs accelerate (default: the whole "
-            "model on --dpo-device)."
+            "model on the chosen device)."
         },
     )
     share_prompt: bool = field(
@@ -187,8 +232,9 @@ class DPOSettings:
         self._validate()
 
     def _validate(self) -> None:
-        if not self.beta > 0:
-            raise SettingsError("beta", f"beta must be > 0, got {self.beta}. Use the beta the checkpoint was trained with.")
+        if not 0 < self.beta < math.inf:
+            rule = "finite" if self.beta == math.inf else "> 0"
+            raise SettingsError("beta", f"beta must be {rule}, got {self.beta}. Use the beta the checkpoint was trained with.")
         if not self.loss_type:
             raise SettingsError("loss_type", "loss_type is empty. Give at least one loss type, e.g. 'sigmoid'.")
         for loss_type in self.loss_type:
@@ -204,6 +250,10 @@ class DPOSettings:
                     "loss_type",
                     f"Unknown loss_type '{loss_type}'. Choose from: {', '.join(PER_EXAMPLE_LOSS_TYPES)}."
                 )
+        if self.loss_weights is not None and not all(math.isfinite(weight) for weight in self.loss_weights):
+            raise SettingsError(
+                "loss_weights", f"loss_weights must be finite numbers, got {', '.join(map(str, self.loss_weights))}."
+            )
         if self.loss_weights is not None and len(self.loss_weights) != len(self.loss_type):
             raise SettingsError(
                 "loss_weights",
@@ -221,8 +271,10 @@ class DPOSettings:
                 "label_smoothing",
                 "loss_type 'exo_pair' needs label_smoothing > 0 (TRL refuses 0; the EXO paper recommends 1e-3)."
             )
-        if not self.discopop_tau > 0:
-            raise SettingsError("discopop_tau", f"discopop_tau must be > 0, got {self.discopop_tau}.")
+        if not 0 < self.discopop_tau < math.inf:
+            rule = "finite" if self.discopop_tau == math.inf else "> 0"
+            raise SettingsError("discopop_tau", f"discopop_tau must be {rule}, got {self.discopop_tau}. TRL's default is 0.05.")
+        self._validate_loss_variants()
         if self.max_length is not None and self.max_length < 2:
             raise SettingsError("max_length", f"max_length must be at least 2 tokens (or None), got {self.max_length}.")
         if self.truncation_mode not in TRUNCATION_MODES:
@@ -239,6 +291,40 @@ class DPOSettings:
                 "device_map",
                 f"Unknown device_map '{self.device_map}'. Choose from: {', '.join(DEVICE_MAPS)} (or leave it unset "
                 "to load each model whole on one device).",
+            )
+
+    def _validate_loss_variants(self) -> None:
+        """ld_alpha, the f-divergence and WPO weighting: refused outside the range TRL 1.16 documents, and in the
+        combinations it refuses or fails on."""
+        if self.ld_alpha is not None and not 0.0 <= self.ld_alpha <= 1.0:
+            raise SettingsError(
+                "ld_alpha",
+                f"ld_alpha must be in [0, 1] (or None for plain DPO), got {self.ld_alpha}. Use the value the "
+                "checkpoint was trained with.",
+            )
+        if self.f_divergence_type not in F_DIVERGENCE_TYPES:
+            raise SettingsError(
+                "f_divergence_type",
+                f"Unknown f_divergence_type '{self.f_divergence_type}'. Choose from: {', '.join(F_DIVERGENCE_TYPES)}.",
+            )
+        unsupported = [loss_type for loss_type in self.loss_type if loss_type not in F_DIVERGENCE_LOSS_TYPES]
+        if self.f_divergence_type != "reverse_kl" and unsupported:
+            raise SettingsError(
+                "f_divergence_type",
+                f"f_divergence_type '{self.f_divergence_type}' does not apply to loss_type {', '.join(unsupported)} "
+                f"(TRL refuses it too): use it with {', '.join(F_DIVERGENCE_LOSS_TYPES)}, or keep reverse_kl.",
+            )
+        if not math.isfinite(self.f_alpha_divergence_coef):
+            raise SettingsError(
+                "f_alpha_divergence_coef",
+                f"f_alpha_divergence_coef must be a finite number, got {self.f_alpha_divergence_coef}. TRL's default "
+                "is 0.5.",
+            )
+        if self.use_weighting and "sft" in self.loss_type:
+            raise SettingsError(
+                "use_weighting",
+                "use_weighting cannot weigh loss_type 'sft': its loss is one token mean per batch, not one value per "
+                "pair (TRL 1.16 fails on this combination). Drop sft from loss_type, or use_weighting.",
             )
 
     @property

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from .metrics_names import PER_EXAMPLE_METRICS
+from .metrics_names import INTERVAL_METHODS, PER_EXAMPLE_METRICS
 from .results import PerExample
 
 __all__ = [
@@ -31,7 +31,9 @@ __all__ = [
     "PER_EXAMPLE_METRICS",
     "Interval",
     "PairedComparison",
+    "INTERVAL_METHODS",
     "accuracy_interval",
+    "check_interval_method",
     "mean_interval",
     "metric_interval",
     "normal_quantile",
@@ -53,7 +55,6 @@ _METRIC_FIELDS = {
     "logps/rejected": "policy_rejected_logps",
 }
 _TOKEN_WEIGHTED_METRICS = ("logits/chosen", "logits/rejected", "entropy", "mean_token_accuracy")
-_MEAN_METHODS = ("t", "bootstrap")
 # Bootstrap resamples are drawn in chunks so that memory stays bounded (about 32 MiB of indices).
 _BOOTSTRAP_CHUNK_ELEMENTS = 1 << 22
 # From this many degrees of freedom on the t quantile comes from its asymptotic expansion, whose
@@ -268,8 +269,7 @@ def mean_interval(
         1.2500 [0.2229, 2.2771] (95% t)
     """
     _check_confidence(confidence)
-    if method not in _MEAN_METHODS:
-        raise ValueError(f"Unknown method '{method}' for mean_interval. Choose from: {', '.join(_MEAN_METHODS)}.")
+    check_interval_method(method)
     _check_resamples(resamples)
     data = _as_values(values, "values")
     n = len(data)
@@ -283,6 +283,12 @@ def mean_interval(
         return Interval(estimate, estimate - half_width, estimate + half_width, confidence, "t")
     low, high = _percentile_bounds(_bootstrap_means(data, resamples, seed), confidence)
     return Interval(estimate, low, high, confidence, "bootstrap")
+
+
+def check_interval_method(method: str) -> None:
+    """Refuse an interval method that is not one of `INTERVAL_METHODS`, naming the choices."""
+    if method not in INTERVAL_METHODS:
+        raise ValueError(f"Unknown interval method {method!r}. Choose from: {', '.join(INTERVAL_METHODS)}.")
 
 
 def accuracy_interval(result: Any, confidence: float = 0.95) -> Interval:

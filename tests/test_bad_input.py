@@ -29,10 +29,15 @@ import transformers  # noqa: F401
 from safetensors.torch import load_file, save_file
 
 from pytest_dpo import assert_margin_positive, evaluate, publish
+from pytest_dpo.config import ALL_OPTIONS
+from pytest_dpo.evalset import load_eval_set
 from pytest_dpo.models import discover_checkpoints
+from pytest_dpo.report import build_report, eval_set_record, per_example_of, report_entry, write_report
+from pytest_dpo.verdicts import Verdicts
 
 from .fixture_paths import BASE, EVAL_CONVERSATIONAL, EVAL_STANDARD, FULL_RUN, LORA_RUN
 from .hub_server import HubServer, hub_environment
+from .sharding import shard
 
 pytest_plugins = ["pytester"]
 # The heavy libraries above are imported before any in-process pytester run (see tests/test_plugin.py).
@@ -138,6 +143,54 @@ def assistant(text: str) -> list[dict[str, str]]:
 
 
 # -- setups that need more than one line ------------------------------------------------------
+
+
+def checkpoint_after_a_space_under_an_early_ini(work: Workspace) -> PluginRun:
+    """`pytest --dpo-checkpoint run/checkpoint-4` where run/ has a pytest.ini that pytest applies before plugins load."""
+    (work.path / "run").mkdir()
+    (work.path / "run" / "pytest.ini").write_text("[pytest]\npythonpath = .\n")
+    (work.path / "run" / "checkpoint-4").symlink_to(FULL_RUN / "checkpoint-4")
+    (work.path / "pytest.ini").write_text(f"[pytest]\ndpo_eval_set = {EVAL_STANDARD}\ndpo_reference = {BASE}\n")
+    return run("--dpo-checkpoint", "run/checkpoint-4")
+
+
+def latin_1_csv(work: Workspace) -> str:
+    (work.path / "eval.csv").write_bytes("prompt,chosen,rejected\nCafé?,oui,non\n".encode("latin-1"))
+    return "eval.csv"
+
+
+def binary_file(work: Workspace, name: str) -> str:
+    (work.path / name).write_bytes(bytes(range(128, 256)) * 4)
+    return name
+
+
+def truncated_parquet(work: Workspace) -> str:
+    import pandas
+
+    pandas.DataFrame([standard_row()] * 8).to_parquet(work.path / "full.parquet")
+    data = (work.path / "full.parquet").read_bytes()
+    (work.path / "eval.parquet").write_bytes(data[: len(data) // 2])
+    return "eval.parquet"
+
+
+def saved_dataset_without_data(work: Workspace) -> str:
+    import datasets
+
+    datasets.Dataset.from_list([standard_row()] * 4).save_to_disk(str(work.path / "saved"))
+    (work.path / "saved" / "data-00000-of-00001.arrow").unlink()
+    return "saved"
+
+
+def half_stringified_csv(work: Workspace) -> str:
+    """A conversational set exported to CSV where one row's cells are plain text: half conversations, half not."""
+    import pandas
+
+    conversation = {"prompt": user("hi"), "chosen": assistant("a"), "rejected": assistant("b")}
+    frame = pandas.DataFrame([conversation, {"prompt": "hi", "chosen": "a", "rejected": "b"}])
+    frame.to_csv(work.path / "eval.csv", index=False)
+    return "eval.csv"
+
+
 
 
 def bad_json_line(work: Workspace) -> PluginRun:
@@ -312,6 +365,57 @@ def nan_margin(work: Workspace) -> ApiCall:
     return ApiCall(lambda: assert_margin_positive(broken), AssertionError)
 
 
+def sharded_missing_shard(work: Workspace) -> PluginRun:
+    checkpoint = work.checkpoint()
+    shard(checkpoint)
+    (checkpoint / "model-00002-of-00002.safetensors").unlink()
+    return checkpoint_run("runs/checkpoint-4")
+
+
+def sharded_corrupt_index(work: Workspace) -> PluginRun:
+    checkpoint = work.checkpoint()
+    shard(checkpoint)
+    (checkpoint / "model.safetensors.index.json").write_text('{"weight_map": ')
+    return checkpoint_run("runs/checkpoint-4")
+
+
+def corrupt_config(work: Workspace) -> PluginRun:
+    (work.checkpoint() / "config.json").write_text('{"model_type": "llama",')
+    return checkpoint_run("runs/checkpoint-4")
+
+
+def adapter_without_weights(work: Workspace) -> PluginRun:
+    (work.checkpoint("checkpoint-6", LORA_RUN / "checkpoint-6") / "adapter_model.safetensors").unlink()
+    return usage_run(checkpoint="runs/checkpoint-6")
+
+
+def adapter_corrupt_config(work: Workspace) -> PluginRun:
+    (work.checkpoint("checkpoint-6", LORA_RUN / "checkpoint-6") / "adapter_config.json").write_text("{not json")
+    return run("--dpo-checkpoint=runs/checkpoint-6", f"--dpo-eval-set={EVAL_STANDARD}")
+
+
+def output_dir_with_a_broken_checkpoint(work: Workspace) -> PluginRun:
+    run_dir = work.path / "runs" / "dpo-full"
+    shutil.copytree(FULL_RUN, run_dir)
+    (run_dir / "checkpoint-4" / "model.safetensors").write_bytes(b"\0" * 64)
+    # Only checkpoint-4's tests run: the others have none, so none of them may be published either.
+    return checkpoint_run("runs/dpo-full", "-k", "checkpoint-4")
+
+
+def baseline_of_another_eval_set(work: Workspace) -> PluginRun:
+    """A saved report whose checkpoint passed on half of the eval set this run scores."""
+    half = work.path / "half.jsonl"
+    half.write_text("\n".join(EVAL_STANDARD.read_text().splitlines()[:12]) + "\n")
+    release = passing_release()
+    verdicts = Verdicts(["checkpoint-4"])
+    verdicts.expect("checkpoint-4", "test_margin")
+    verdicts.record("checkpoint-4", "test_margin", "call", "passed")
+    entry = report_entry(release.checkpoint, verdicts["checkpoint-4"], release.result)
+    saved_report = build_report([entry], eval_set=eval_set_record(load_eval_set(half)), gates=[], settings={}, versions={})
+    write_report(work.path / "release", saved_report, per_example_of([entry]), log=lambda line: None)
+    return usage_run("--dpo-baseline=release")
+
+
 # -- the table --------------------------------------------------------------------------------
 
 FAILED = pytest.ExitCode.TESTS_FAILED
@@ -340,6 +444,20 @@ CASES = [
          "eval.jsonl:1: field 'rejected' message 0: missing or non-string 'content'", "Every message needs its text in 'content'"),
     Case("mixed-formats", lambda work: usage_run(f"--dpo-eval-set={work.jsonl([standard_row(), {'prompt': user('hi'), 'chosen': assistant('a'), 'rejected': assistant('b')}])}"),
          "eval.jsonl:2: field 'prompt' is a list, but the first row is in standard format", "Use one format for the whole file"),
+    Case("eval-set-latin-1-csv", lambda work: usage_run(f"--dpo-eval-set={latin_1_csv(work)}"),
+         "eval.csv:2: not UTF-8 text (byte 0xe9", "Save the file as UTF-8"),
+    Case("eval-set-binary-jsonl", lambda work: usage_run(f"--dpo-eval-set={binary_file(work, 'eval.jsonl')}"),
+         "eval.jsonl:1: not UTF-8 text", "Save the file as UTF-8"),
+    Case("eval-set-binary-json", lambda work: usage_run(f"--dpo-eval-set={binary_file(work, 'eval.json')}"),
+         "eval.json:1: not UTF-8 text", "Save the file as UTF-8"),
+    Case("eval-set-truncated-parquet", lambda work: usage_run(f"--dpo-eval-set={truncated_parquet(work)}"),
+         "eval.parquet: not a readable parquet file", "Re-export the eval set"),
+    Case("eval-set-saved-dataset-missing-arrow", lambda work: usage_run(f"--dpo-eval-set={saved_dataset_without_data(work)}"),
+         "saved/data-00000-of-00001.arrow", "save the dataset again with save_to_disk"),
+    Case("eval-set-vision-rows", lambda work: usage_run(f"--dpo-eval-set={work.jsonl([standard_row(), standard_row(images=['a.png'])])}"),
+         "eval.jsonl:2", "use a text-only eval set"),
+    Case("eval-set-messages-as-text-in-some-rows", lambda work: usage_run(f"--dpo-eval-set={half_stringified_csv(work)}"),
+         "eval.csv:3: field 'prompt' is plain text, but other cells hold message lists", "Save the eval set as .jsonl or .parquet"),
     Case("prompt-fills-max-length", lambda work: checkpoint_run(FULL_RUN / "checkpoint-4", "--dpo-max-length=3"),
          "every row's prompt alone fills max_length=3", "Raise max_length (--dpo-max-length)"),
     # Tokenizers.
@@ -348,6 +466,8 @@ CASES = [
     Case("no-chat-template-for-conversations", without_chat_template,
          "eval_conversational.jsonl: conversational rows need a chat template", "Save the tokenizer with its chat template"),
     # Checkpoints and references.
+    Case("checkpoint-after-a-space-under-another-ini", checkpoint_after_a_space_under_an_early_ini,
+         "run/pytest.ini, not", "Write the option with '=' (--dpo-checkpoint=PATH), or name the ini file: -c"),
     Case("checkpoint-not-found", lambda work: usage_run(checkpoint="nowhere"),
          "--dpo-checkpoint / dpo_checkpoint: nowhere: checkpoint not found", "Check the path"),
     Case("glob-matches-nothing", lambda work: usage_run(checkpoint="runs/checkpoint-*"),
@@ -385,6 +505,22 @@ CASES = [
          f"--dpo-checkpoint / dpo_checkpoint: {FULL_RUN / 'checkpoint-4'} is given twice", "Give each checkpoint once"),
     Case("same-checkpoint-through-a-glob", lambda work: run(f"--dpo-checkpoint={FULL_RUN}", f"--dpo-checkpoint={FULL_RUN}/checkpoint-[46]", f"--dpo-eval-set={EVAL_STANDARD}"),
          "checkpoint-4 is given twice (through", "Give each checkpoint once"),
+    Case("sharded-weights-missing-a-shard", sharded_missing_shard,
+         "runs/checkpoint-4/model-00002-of-00002.safetensors", "Copy the checkpoint again"),
+    Case("sharded-weights-corrupt-index", sharded_corrupt_index,
+         "runs/checkpoint-4/model.safetensors.index.json: not valid JSON", "Copy the checkpoint again"),
+    Case("model-config-not-json", corrupt_config,
+         "runs/checkpoint-4/config.json: not valid JSON", "Copy the checkpoint again"),
+    Case("adapter-without-weights", adapter_without_weights,
+         "runs/checkpoint-6: no weights found (expected adapter_model.safetensors)", "Point at a model or adapter folder"),
+    Case("adapter-config-not-json", adapter_corrupt_config,
+         "runs/checkpoint-6/adapter_config.json: not valid JSON", "Copy the checkpoint again"),
+    Case("output-dir-with-a-broken-checkpoint", output_dir_with_a_broken_checkpoint,
+         "runs/dpo-full/checkpoint-4/model.safetensors: cannot read the safetensors weights", "Copy the checkpoint again"),
+    Case("baseline-not-found", lambda work: usage_run("--dpo-baseline=releases/last"),
+         "--dpo-baseline / dpo_baseline: releases/last: not found", "Give the last release's checkpoint folder"),
+    Case("baseline-of-another-eval-set", baseline_of_another_eval_set,
+         "--dpo-baseline / dpo_baseline: release was scored on another eval set", "Point it at a report of this eval set"),
     # Unsafe checkpoints: refused unless the user accepts the risk with a flag the message names.
     Case("pickle-only-weights", pickle_only,
          "runs/checkpoint-4/pytorch_model.bin: weights are stored only as a pickle", "pass --dpo-allow-pickle"),
@@ -428,6 +564,87 @@ CASES = [
          needs_hub=True),
 ]
 
+# -- a bad value for every option and ini key ------------------------------------------------
+# (value, fix) per option of `pytest_dpo.config.ALL_OPTIONS`; flags take no value on the command line, so only
+# their ini twins get one. `test_every_option_and_ini_key_has_a_row` keeps this table complete.
+FILE_IN_THE_WAY = "a-file"
+BAD_FLAG_VALUE = ("maybe", "Write true or false")
+BAD_OPTION_VALUES = {
+    "checkpoint": ("nowhere", "Check the path"),
+    "reference": ("nowhere", "Download it first"),
+    "eval_set": ("nowhere.jsonl", "Check the path"),
+    "baseline": ("nowhere", "Give the last release's checkpoint folder"),
+    "gate": ("rewards/margins => 0", "Write `<metric> <op> <number>`"),
+    "beta": ("lots", "give a number"),
+    "loss_type": ("sigmoidd", "Choose from: sigmoid"),
+    "loss_weights": ("1,x", "give comma-separated numbers"),
+    "label_smoothing": ("lots", "give a number"),
+    "discopop_tau": ("0", "discopop_tau must be > 0"),
+    "ld_alpha": ("lots", "give a number, or none"),
+    "f_divergence_type": ("kl", "Choose from: reverse_kl, forward_kl"),
+    "f_alpha_divergence_coef": ("inf", "must be a finite number"),
+    "use_weighting": ("maybe", "give true or false"),
+    "max_length": ("lots", "give a whole number, or none"),
+    "truncation_mode": ("keep_middle", "Choose from: keep_start, keep_end"),
+    "batch_size": ("0", "batch_size must be at least 1"),
+    "device": ("gpu", "Use cpu, cuda, cuda:N or mps"),
+    "dtype": ("float8", "Choose from: float32"),
+    "device_map": ("everywhere", "Choose from: auto"),
+    "share_prompt": ("maybe", "give true or false"),
+    "lock": ("lockdir", "Give the lock file's path"),
+    "report": (FILE_IN_THE_WAY, "Give a folder path"),
+    "samples": ("-1", "Give how many prompts to sample"),
+    "generation": ("max_new_tokens", "Write a transformers GenerationConfig field"),
+    "cache_dir": (FILE_IN_THE_WAY, "Give a folder path"),
+    "save_dir": (FILE_IN_THE_WAY, "Give a folder path"),
+    "push_to": ("not a repo", "Write it as namespace/name"),
+    "push_revision": ("a..b", "Use letters, digits"),
+    "push_which": ("some", "Choose all"),
+    "push_timeout": ("soon", "e.g. 60"),
+}
+# A reference is resolved when its checkpoint is scored: that checkpoint's tests fail, the session goes on.
+FAILS_THE_CHECKPOINT = {"reference"}
+
+
+def option_value_setup(spec_name: str, form: str) -> Callable[[Workspace], PluginRun]:
+    spec = next(spec for spec in ALL_OPTIONS if spec.name == spec_name)
+    value = BAD_FLAG_VALUE[0] if spec.is_flag else BAD_OPTION_VALUES[spec_name][0]
+
+    def setup(work: Workspace) -> PluginRun:
+        (work.path / FILE_IN_THE_WAY).write_text("a file where a folder should be")
+        (work.path / "lockdir").mkdir()
+        given = {"checkpoint": FULL_RUN / "checkpoint-4", "reference": BASE, "eval_set": EVAL_STANDARD}
+        if form == "command line":
+            given[spec_name] = value
+            args = [f"--dpo-{name.replace('_', '-')}={path}" for name, path in given.items()]
+            args += [] if spec_name in given else [f"{spec.flag}={value}"]
+        else:
+            given.pop(spec_name, None)
+            args = [f"--dpo-{name.replace('_', '-')}={path}" for name, path in given.items()]
+            indent = "\n    " if spec.ini_type in ("linelist", "paths") else " "
+            (work.path / "pytest.ini").write_text(f"[pytest]\n{spec.ini} ={indent}{value}\n")
+        exit = pytest.ExitCode.TESTS_FAILED if spec_name in FAILS_THE_CHECKPOINT else pytest.ExitCode.USAGE_ERROR
+        # The save dir row gives its own; every other row saves into SAVE_DIR, which must stay empty.
+        return run(*args, exit=exit, save_dir=None if spec_name == "save_dir" else SAVE_DIR)
+
+    return setup
+
+
+def option_cases() -> list[Case]:
+    cases = []
+    for spec in ALL_OPTIONS:
+        fix = BAD_FLAG_VALUE[1] if spec.is_flag else BAD_OPTION_VALUES[spec.name][1]
+        forms = ["ini"] if spec.is_flag else ["command line", "ini"]
+        for form in forms:
+            where = spec.ini if form == "ini" else spec.flag
+            if spec.name in FAILS_THE_CHECKPOINT:
+                where = "nowhere: not a local folder"
+            cases.append(Case(f"{spec.ini}-{form.replace(' ', '-')}", option_value_setup(spec.name, form), where, fix))
+    return cases
+
+
+CASES += option_cases()
+
 
 @pytest.fixture
 def hub(tmp_path: Path) -> Iterator[HubServer]:
@@ -466,13 +683,15 @@ def check(case: Case, pytester: pytest.Pytester, work: Workspace) -> None:
     else:
         pytester.makepyfile(test_release=textwrap.dedent(MARGIN_TEST))
         save = [f"--dpo-save-dir={action.save_dir}"] if action.save_dir else []
-        result = pytester.runpytest(*action.args, *save, "--dpo-no-cache")
+        no_cache = [] if "dpo_no_cache" in case.id else ["--dpo-no-cache"]
+        result = pytester.runpytest(*action.args, *save, *no_cache)
         message = result.stdout.str() + result.stderr.str()
         assert result.ret == action.exit, message
         published = (saved(work.path / action.save_dir) if action.save_dir else []) + release_commits(work.hub)
         assert bool(published) == action.publishes, published
     assert case.where in message, message
     assert case.fix in message, message
+    assert "INTERNALERROR" not in message and "Traceback" not in message, message
     if not (isinstance(action, PluginRun) and action.publishes):
         assert published == []
 
@@ -480,3 +699,12 @@ def check(case: Case, pytester: pytest.Pytester, work: Workspace) -> None:
 def test_the_table_covers_the_issue_list() -> None:
     assert len(CASES) >= 30
     assert len({case.id for case in CASES}) == len(CASES)
+
+
+def test_every_option_and_ini_key_has_a_row() -> None:
+    valued = {spec.name for spec in ALL_OPTIONS if not spec.is_flag}
+    assert set(BAD_OPTION_VALUES) == valued
+    ids = {case.id for case in CASES}
+    for spec in ALL_OPTIONS:
+        assert f"{spec.ini}-ini" in ids
+        assert spec.is_flag or f"{spec.ini}-command-line" in ids

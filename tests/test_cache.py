@@ -13,13 +13,18 @@ import pytest
 import torch
 import transformers  # noqa: F401
 
-from pytest_dpo.cache import ScoreCache
+from pytest_dpo import cache as cache_module
+from pytest_dpo.cache import CACHE_FORMAT, ScoreCache, cache_key
 from pytest_dpo.evaluation import evaluate_with_settings
 from pytest_dpo.settings import DPOSettings
 
 from .fixture_paths import BASE, EVAL_STANDARD, FULL_RUN, LORA_RUN
 
 pytest_plugins = ["pytester"]
+# What entries written before CACHE_FORMAT 2 lack.
+OLD_FORMAT_MISSING = (
+    "chosen_log_sum_sq_probs", "rejected_log_sum_sq_probs", "chosen_shared_logps", "rejected_shared_logps"
+)  # fmt: skip
 
 
 def run(checkpoint: Path, cache: ScoreCache, eval_set: Path = EVAL_STANDARD, reference: Path | None = BASE, **settings: object):
@@ -105,6 +110,63 @@ def test_beta_and_loss_type_reuse_the_cached_scores_and_still_change_the_metrics
     assert (cache.stats.hits, cache.stats.misses) == (2, 0)
     assert second.metrics["rewards/margins"] == pytest.approx(5 * first.metrics["rewards/margins"])
     assert second.settings["loss_type"] == ["ipo"] and second.metrics["loss"] != first.metrics["loss"]
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        {"ld_alpha": 0.5},
+        {"f_divergence_type": "js_divergence"},
+        {"f_divergence_type": "alpha_divergence", "f_alpha_divergence_coef": 0.7},
+        {"use_weighting": True},
+    ],
+    ids=["ld-alpha", "js-divergence", "alpha-divergence", "use-weighting"],
+)
+def test_loss_variants_reuse_the_cached_scores_and_give_the_uncached_numbers(tmp_path: Path, variant: dict) -> None:
+    """The entry holds the sums LD-DPO and WPO are computed from, so these settings act in the metrics only."""
+    plain = run(FULL_RUN / "checkpoint-4", ScoreCache(tmp_path))
+    cache = ScoreCache(tmp_path)
+    cached = run(FULL_RUN / "checkpoint-4", cache, **variant)
+    assert (cache.stats.hits, cache.stats.misses) == (2, 0)
+    assert cached.metrics["loss"] != plain.metrics["loss"]
+    uncached = run(FULL_RUN / "checkpoint-4", ScoreCache(None), **variant)
+    assert cached.metrics == uncached.metrics
+
+
+def _rewrite_entries(directory: Path, drop: tuple[str, ...], format_version: str) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    for entry in directory.glob("*.safetensors"):
+        with safe_open(str(entry), framework="pt") as handle:
+            tensors = {name: handle.get_tensor(name) for name in handle.keys() if name not in drop}
+        save_file(tensors, str(entry), metadata={"format": format_version})
+
+
+@pytest.mark.parametrize(
+    ("drop", "format_version"),
+    [
+        pytest.param(OLD_FORMAT_MISSING, "1", id="format-1-entry"),
+        pytest.param(OLD_FORMAT_MISSING, str(CACHE_FORMAT), id="current-format-without-the-new-sums"),
+        pytest.param((), "1", id="format-1-label-on-a-full-entry"),
+    ],
+)
+def test_entries_without_the_new_sums_are_rebuilt_never_misread(
+    tmp_path: Path, drop: tuple[str, ...], format_version: str
+) -> None:
+    reference = run(FULL_RUN / "checkpoint-4", ScoreCache(tmp_path), ld_alpha=0.5, use_weighting=True)
+    _rewrite_entries(tmp_path, drop, format_version)
+    cache = ScoreCache(tmp_path)
+    rebuilt = run(FULL_RUN / "checkpoint-4", cache, ld_alpha=0.5, use_weighting=True)
+    assert (cache.stats.rebuilt, cache.stats.misses) == (2, 2)
+    assert rebuilt.metrics == reference.metrics
+
+
+def test_an_older_format_lives_under_other_keys() -> None:
+    key = cache_key("weights", "torch.float32", "cpu", "tokens")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cache_module, "CACHE_FORMAT", CACHE_FORMAT - 1)
+        assert cache_key("weights", "torch.float32", "cpu", "tokens") != key
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "empty"])

@@ -6,8 +6,10 @@ from __future__ import annotations
 import copy
 import csv
 import json
+import os
 import random
 import re
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -573,3 +575,218 @@ def test_a_single_row_object_in_json_says_to_wrap_it_in_a_list(tmp_path: Path) -
     path.write_text(json.dumps(CONVERSATIONAL_ROWS[0]))
     with pytest.raises(EvalSetError, match=r"one.json: holds a single row object.*wrap it in \[ ... \]"):
         load_eval_set(path)
+
+
+# --------------------------------------------------------------------------------------------
+# Files that cannot be read: an EvalSetError naming the file, the line and the fix, never a crash
+# --------------------------------------------------------------------------------------------
+
+
+def test_latin1_csv_names_the_line_and_says_save_as_utf8(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.csv"
+    path.write_bytes("prompt,chosen,rejected\nSky?,Blue,Green\nCafé?,Oui,Non\n".encode("latin-1"))
+    assert_load_error(path, r"latin1\.csv:3: ", "not UTF-8", r"byte 0xe9", "Save the file as UTF-8")
+
+
+def test_latin1_jsonl_names_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.jsonl"
+    lines = [json.dumps(GOOD), json.dumps(GOOD), json.dumps({**GOOD, "prompt": "Café"}, ensure_ascii=False)]
+    path.write_bytes("\n".join(lines).encode("latin-1"))
+    assert_load_error(path, r"latin1\.jsonl:3: ", "not UTF-8", "Save the file as UTF-8")
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv"])
+def test_binary_file_with_a_text_suffix(tmp_path: Path, suffix: str) -> None:
+    path = tmp_path / f"binary{suffix}"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe\x00")
+    assert_load_error(path, r"binary\.\w+:1: ", "not UTF-8", "Save the file as UTF-8")
+
+
+def test_csv_that_the_csv_module_rejects_names_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "huge.csv"
+    path.write_text("prompt,chosen,rejected\np,c,r\np," + "x" * 200_000 + ",r\n", encoding="utf-8")
+    assert_load_error(path, r"huge\.csv:3: ", "not readable as CSV", r"\.jsonl")
+
+
+def test_truncated_parquet(tmp_path: Path) -> None:
+    path = tmp_path / "truncated.parquet"
+    pd.DataFrame(EXPECTED_STANDARD).to_parquet(path)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    assert_load_error(path, "not a readable parquet file", "Re-export")
+
+
+@pytest.fixture
+def saved(tmp_path: Path) -> Path:
+    folder = tmp_path / "saved"
+    Dataset.from_list(EXPECTED_STANDARD).save_to_disk(str(folder))
+    return folder
+
+
+def arrow_files(folder: Path) -> list[Path]:
+    return sorted(folder.glob("*.arrow"))
+
+
+def test_saved_dataset_with_a_missing_arrow_file(saved: Path) -> None:
+    missing = arrow_files(saved)[0]
+    missing.unlink()
+    message = assert_load_error(saved, "listed in state.json but missing", "save the dataset again with save_to_disk")
+    assert missing.name in message
+
+
+def test_saved_dataset_with_a_corrupt_arrow_file(saved: Path) -> None:
+    corrupt = arrow_files(saved)[0]
+    corrupt.write_bytes(b"not arrow at all" * 4)
+    message = assert_load_error(saved, "not a readable Arrow file", "save the dataset again")
+    assert corrupt.name in message
+
+
+@pytest.mark.parametrize(
+    ("state", "patterns"),
+    [
+        ('{\n  "_data_files": [\n    {"filename": }\n  ]\n}', [r"state\.json:3: not valid JSON", "save the dataset again"]),
+        ('{"_data_files": "data.arrow"}', [r"state\.json: no '_data_files' list", "save the dataset again"]),
+        ("[]", [r"state\.json: no '_data_files' list"]),
+    ],
+)
+def test_saved_dataset_with_a_corrupt_state_json(saved: Path, state: str, patterns: list[str]) -> None:
+    (saved / "state.json").write_text(state, encoding="utf-8")
+    assert_load_error(saved, *patterns)
+
+
+def test_corrupt_dataset_dict_json(tmp_path: Path) -> None:
+    folder = tmp_path / "dsdict"
+    folder.mkdir()
+    (folder / "dataset_dict.json").write_bytes(b"\x00garbage")
+    assert_load_error(folder, r"dataset_dict\.json:1: not valid JSON", "save the dataset again")
+    (folder / "dataset_dict.json").write_bytes(b"\xff\xfe")
+    assert_load_error(folder, r"dataset_dict\.json:1: not UTF-8", "save the dataset again")
+
+
+def test_directory_with_a_file_suffix(tmp_path: Path) -> None:
+    folder = tmp_path / "eval.jsonl"
+    folder.mkdir()
+    assert_load_error(folder, "not one written by datasets' save_to_disk")
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root reads files whatever their mode")
+def test_file_without_read_permission(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "secret.jsonl", [GOOD])
+    path.chmod(0)
+    try:
+        assert_load_error(path, "cannot be read", "Permission denied", "permission to read")
+    finally:
+        path.chmod(0o600)
+
+
+def test_os_errors_become_eval_set_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whatever the OS refuses (permissions, I/O errors) ends as an EvalSetError; this also runs as root."""
+    path = write_jsonl(tmp_path / "unreadable.jsonl", [GOOD])
+
+    def refuse(self: Path) -> bytes:
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "read_bytes", refuse)
+    assert_load_error(path, "cannot be read", "Permission denied", "permission to read")
+
+
+@pytest.mark.parametrize(
+    ("content", "patterns"),
+    [
+        ("[" * 100_000 + "]" * 100_000, ["not valid JSON", "nested too deeply"]),
+        ('{"prompt": "p", "chosen": "c", "rejected": ' + "1" * 5_000 + "}", ["not valid JSON", "digits"]),
+        (json.dumps({**GOOD, "chosen": "\ud800"}), [r":1: field 'chosen'", "unpaired surrogate", "Fix the text"]),
+    ],
+)
+def test_json_lines_python_cannot_use(tmp_path: Path, content: str, patterns: list[str]) -> None:
+    path = tmp_path / "odd.jsonl"
+    path.write_text(content + "\n", encoding="utf-8")
+    assert_load_error(path, *patterns)
+
+
+def test_values_that_are_not_json_data_are_refused() -> None:
+    row = copy.deepcopy(CONVERSATIONAL_ROWS[1])
+    row["chosen"][0]["meta"] = {1, 2}
+    with pytest.raises(EvalSetError, match=r"<memory> row 0: field 'chosen'\[0\]\.meta: holds a set.*JSON"):
+        load_eval_set([row])
+    deep: Any = "x"
+    for _ in range(200):
+        deep = [deep]
+    row["chosen"][0]["meta"] = deep
+    with pytest.raises(EvalSetError, match="nested more than 100 levels deep"):
+        load_eval_set([row])
+
+
+def test_a_source_that_is_not_rows() -> None:
+    with pytest.raises(EvalSetError, match=r"expected a path or a list of row dicts, got int"):
+        load_eval_set(42)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------------------------
+# Property: any bytes, JSON or rows in any file format give an EvalSet or an EvalSetError
+# --------------------------------------------------------------------------------------------
+
+json_scalars = st.one_of(
+    st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), st.text(max_size=8),
+    st.sampled_from(["user", "assistant", "[]", "[{'role': 'user', 'content': 'hi'}]", '[{"role": "user"}]']),
+)  # fmt: skip
+json_values = st.recursive(
+    json_scalars,
+    lambda children: st.one_of(
+        st.lists(children, max_size=3),
+        st.dictionaries(st.sampled_from(["role", "content", "type", "name", "x"]), children, max_size=3),
+    ),
+    max_leaves=12,
+)
+COLUMNS = ["prompt", "chosen", "rejected", "tools", "chat_template_kwargs", "images", "id"]
+random_row = st.dictionaries(st.sampled_from(COLUMNS), json_values, max_size=6)
+extra_columns = st.dictionaries(st.sampled_from(["tools", "chat_template_kwargs", "id"]), json_values, max_size=2)
+# Valid rows with random tools, chat_template_kwargs and ids: the paths past the first row checks.
+nearly_valid_row = st.tuples(st.one_of(standard_row, conversational_row), extra_columns).map(lambda pair: {**pair[0], **pair[1]})
+garbage = st.one_of(
+    st.binary(max_size=64).map(lambda data: ("bytes", data)),
+    json_values.map(lambda value: ("json", value)),
+    st.lists(random_row, min_size=1, max_size=4).map(lambda rows: ("rows", rows)),
+    st.lists(nearly_valid_row, min_size=1, max_size=4).map(lambda rows: ("rows", rows)),
+)
+
+
+def write_garbage(path: Path, kind: str, content: Any) -> bool:
+    """Write `content` in the file's format; False where that format cannot hold it (e.g. parquet of mixed types)."""
+    if kind == "bytes":
+        path.write_bytes(content)
+        return True
+    rows = content if kind == "rows" else content if isinstance(content, list) else [content]
+    if path.suffix == ".json":
+        path.write_text(json.dumps(content), encoding="utf-8")
+    elif path.suffix == ".jsonl":
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    elif not all(isinstance(row, dict) for row in rows):
+        return False
+    elif path.suffix == ".csv":
+        pd.DataFrame(rows).to_csv(path, index=False)
+    else:
+        try:
+            pd.DataFrame(rows).to_parquet(path)
+        except Exception:  # pyarrow refuses mixed or empty types: such a parquet file cannot exist
+            return False
+    return True
+
+
+@settings(max_examples=300, deadline=None)
+@given(content=garbage, suffix=st.sampled_from([".jsonl", ".json", ".csv", ".parquet"]))
+def test_anything_in_any_format_loads_or_raises_eval_set_error(content: tuple[str, Any], suffix: str) -> None:
+    kind, value = content
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / f"garbage{suffix}"
+        assume(write_garbage(path, kind, value))
+        try:
+            eval_set = load_eval_set(path)
+        except EvalSetError as error:
+            assert str(error) and path.name in str(error)
+        else:
+            assert len(eval_set) >= 1 and len(eval_set.sha256) == 64
+    if kind == "rows":
+        try:
+            load_eval_set(value)
+        except EvalSetError as error:
+            assert "<memory>" in str(error)

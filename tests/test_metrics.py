@@ -7,6 +7,8 @@ plain Python `math` on doubles, and, for parity, TRL 1.16's own
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
 from collections import defaultdict
 from types import SimpleNamespace
@@ -20,7 +22,7 @@ from hypothesis import strategies as st
 from pytest_dpo import metrics
 from pytest_dpo.metrics_names import METRIC_NAMES
 from pytest_dpo.results import PerExample, SequenceScores
-from pytest_dpo.settings import PER_EXAMPLE_LOSS_TYPES, DPOSettings, SettingsError
+from pytest_dpo.settings import F_DIVERGENCE_LOSS_TYPES, PER_EXAMPLE_LOSS_TYPES, DPOSettings, SettingsError
 
 EXAMPLE_MEAN_METRICS = (
     "loss",
@@ -162,12 +164,18 @@ def score_rows(draw: st.DrawFn, n: int) -> list[dict[str, float]]:
 
 
 INT_FIELDS = ("chosen_tokens", "rejected_tokens", "chosen_scored_tokens", "rejected_scored_tokens", "chosen_top1")
+OPTIONAL_SUMS = ("chosen_log_sum_sq_probs", "rejected_log_sum_sq_probs", "chosen_shared_logps", "rejected_shared_logps")
 
 
 def to_scores(rows: list[dict[str, float]]) -> SequenceScores:
-    """SequenceScores with the dtypes `pytest_dpo.scoring.score` produces (float32 sums, int64 counts)."""
+    """SequenceScores with the dtypes `pytest_dpo.scoring.score` produces (float32 sums, int64 counts).
+
+    The WPO and LD-DPO sums are optional: rows without them give scores without them.
+    """
     columns = {}
     for name in SequenceScores.__dataclass_fields__:
+        if rows and name in OPTIONAL_SUMS and name not in rows[0]:
+            continue
         dtype = torch.int64 if name in INT_FIELDS else torch.float32
         columns[name] = torch.tensor([row[name] for row in rows], dtype=dtype)
     return SequenceScores(**columns)
@@ -380,7 +388,8 @@ def _fixed_batch() -> dict[str, torch.Tensor]:
     """A 4-row batch (8 sequences: chosen then rejected) of length 9, with per-token model outputs.
 
     Row 0's chosen completion starts the sequence (no prompt), so its first completion token has
-    no log-prob: completion tokens (what ipo/sigmoid_norm divide by) != scored tokens.
+    no log-prob: completion tokens (what ipo/sigmoid_norm divide by) != scored tokens. The rows'
+    completions differ in length, so LD-DPO's shared length cuts into one side of each row.
     """
     generator = torch.Generator().manual_seed(1234)
     rows, length = 4, 9
@@ -394,7 +403,7 @@ def _fixed_batch() -> dict[str, torch.Tensor]:
         completion_mask[i, prompt : prompt + completion] = 1
         attention_mask[i, : prompt + completion] = 1
     shift = completion_mask[:, 1:].float()
-    return {
+    batch = {
         "input_ids": torch.randint(0, 50, (2 * rows, length), generator=generator) * attention_mask,
         "attention_mask": attention_mask,
         "completion_mask": completion_mask,
@@ -403,51 +412,85 @@ def _fixed_batch() -> dict[str, torch.Tensor]:
         "entropy": 4 * torch.rand(2 * rows, length - 1, generator=generator),
         "mean_logits": 6 * torch.rand(2 * rows, length - 1, generator=generator) - 3,
         "is_top1": torch.rand(2 * rows, length - 1, generator=generator) < 0.5,
-        "ref_chosen_logps": torch.tensor([-6.0, -9.5, -2.25, -13.0]),
-        "ref_rejected_logps": torch.tensor([-5.5, -8.0, -9.0, -3.5]),
+        # log sum_v p_v^2 lies in [log(1 / vocab), 0]
+        "log_sum_sq_probs": -2 * torch.rand(2 * rows, length - 1, generator=generator),
     }
+    # The reference's per-token log-probs: uneven over the scored tokens, summing to these totals per sequence.
+    reference_totals = torch.tensor([-6.0, -9.5, -2.25, -13.0, -5.5, -8.0, -9.0, -3.5])
+    spread = (0.1 + torch.rand(2 * rows, length - 1, generator=generator)) * shift
+    batch["ref_log_probs"] = reference_totals.unsqueeze(1) * spread / spread.sum(dim=1, keepdim=True)
+    return batch
 
 
-def _trl_eval(batch: dict[str, torch.Tensor], config: DPOSettings) -> tuple[float, dict[str, float]]:
-    """Run TRL 1.16 `DPOTrainer._compute_loss` (eval mode, precomputed reference) on `batch`."""
+class _FusedHeadStub(torch.nn.Module):
+    """A model called as TRL calls a model with its fused LM head, answering with fixed per-token outputs."""
+
+    is_gradient_checkpointing = False
+
+    def __init__(self, outputs: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        self.outputs = outputs
+        self.eval()
+
+    def forward(self, **kwargs: Any) -> SimpleNamespace:
+        assert kwargs["fused_lm_head"] is True
+        return SimpleNamespace(**self.outputs)
+
+
+def _trl_eval(
+    batch: dict[str, torch.Tensor], config: DPOSettings, precompute_ref: bool = False
+) -> tuple[float, dict[str, float]]:
+    """Run TRL 1.16 `DPOTrainer._compute_loss` (eval mode) on `batch`, with the reference scored in the same
+    call or (`precompute_ref`) beforehand by `DPOTrainer.compute_ref_log_probs`, as `precompute_ref_log_probs` does."""
     from trl.trainer.dpo_trainer import DPOTrainer
 
-    outputs = SimpleNamespace(**{key: batch[key] for key in ("log_probs", "entropy", "mean_logits", "is_top1")})
-
-    def model(**kwargs: Any) -> SimpleNamespace:
-        assert kwargs["fused_lm_head"] is True
-        return outputs
-
-    model.training = False  # type: ignore[attr-defined]
+    model = _FusedHeadStub(
+        {key: batch[key] for key in ("log_probs", "entropy", "mean_logits", "is_top1", "log_sum_sq_probs")}
+    )
     identity = lambda tensor: tensor  # noqa: E731
     trainer = SimpleNamespace(
         model=model,
-        accelerator=SimpleNamespace(device=torch.device("cpu"), gather_for_metrics=identity, gather=identity),
+        ref_model=_FusedHeadStub({"log_probs": batch["ref_log_probs"]}),
+        accelerator=SimpleNamespace(
+            device=torch.device("cpu"), gather_for_metrics=identity, gather=identity, autocast=contextlib.nullcontext
+        ),
         aux_loss_enabled=False,
-        ld_alpha=None,
-        precompute_ref_logps=True,
-        f_divergence_type="reverse_kl",
+        ld_alpha=config.ld_alpha,
+        precompute_ref_logps=precompute_ref,
+        f_divergence_type=config.f_divergence_type,
+        f_alpha_divergence_coef=config.f_alpha_divergence_coef,
         loss_types=list(config.loss_type),
         loss_weights=list(config.weights),
         beta=config.beta,
         label_smoothing=config.label_smoothing,
-        args=SimpleNamespace(discopop_tau=config.discopop_tau),
-        use_weighting=False,
+        args=SimpleNamespace(discopop_tau=config.discopop_tau, gradient_checkpointing_kwargs=None),
+        use_weighting=config.use_weighting,
         _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
         _total_train_tokens=0,
         _tp_size=1,
     )
-    inputs = {
-        key: batch[key] for key in ("input_ids", "attention_mask", "completion_mask", "ref_chosen_logps", "ref_rejected_logps")
-    }
+    inputs = {key: batch[key] for key in ("input_ids", "attention_mask", "completion_mask")}
+    if precompute_ref:
+        inputs["ref_chosen_logps"], inputs["ref_rejected_logps"] = DPOTrainer.compute_ref_log_probs(
+            trainer, trainer.ref_model, inputs
+        )
     loss = DPOTrainer._compute_loss(trainer, model, inputs, return_outputs=False)
     logged = {name: values[-1] for name, values in trainer._metrics["eval"].items() if name in METRIC_NAMES}
     return float(loss), logged
 
 
+def _shared_length_sums(per_token: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Per sequence, the sum over its first K scored tokens, K the smaller scored count of its row's two sequences."""
+    counts = shift.sum(dim=1)
+    half = len(counts) // 2
+    shared = torch.minimum(counts[:half], counts[half:]).repeat(2)
+    within = shift.bool() & (shift.cumsum(dim=1) <= shared.unsqueeze(1))
+    return (per_token * within).sum(dim=1)
+
+
 def _scores_from_batch(batch: dict[str, torch.Tensor]) -> tuple[SequenceScores, SequenceScores]:
     """What `pytest_dpo.scoring.score` would report for this batch, derived from the per-token arrays."""
-    half = batch["ref_chosen_logps"].shape[0]
+    half = batch["completion_mask"].shape[0] // 2
     completion = batch["completion_mask"]
     shift = completion[:, 1:]
     tokens, scored = completion.sum(dim=1), shift.sum(dim=1)
@@ -455,6 +498,8 @@ def _scores_from_batch(batch: dict[str, torch.Tensor]) -> tuple[SequenceScores, 
     logits = (batch["mean_logits"] * shift).sum(dim=1)
     entropy = (batch["entropy"] * shift).sum(dim=1)
     top1 = (batch["is_top1"] & shift.bool()).sum(dim=1)
+    log_sum_sq_probs = (batch["log_sum_sq_probs"] * shift).sum(dim=1)
+    shared = _shared_length_sums(batch["log_probs"], shift)
     policy = SequenceScores(
         chosen_logps=logps[:half],
         rejected_logps=logps[half:],
@@ -467,10 +512,20 @@ def _scores_from_batch(batch: dict[str, torch.Tensor]) -> tuple[SequenceScores, 
         chosen_entropy_sum=entropy[:half],
         rejected_entropy_sum=entropy[half:],
         chosen_top1=top1[:half],
+        chosen_log_sum_sq_probs=log_sum_sq_probs[:half],
+        rejected_log_sum_sq_probs=log_sum_sq_probs[half:],
+        chosen_shared_logps=shared[:half],
+        rejected_shared_logps=shared[half:],
     )
     zeros = torch.zeros(half)
+    reference_logps = batch["ref_log_probs"].sum(dim=1)
+    reference_shared = _shared_length_sums(batch["ref_log_probs"], shift)
     reference = SequenceScores(
-        batch["ref_chosen_logps"], batch["ref_rejected_logps"], *(zeros for _ in range(9))
+        reference_logps[:half],
+        reference_logps[half:],
+        *(zeros for _ in range(9)),
+        chosen_shared_logps=reference_shared[:half],
+        rejected_shared_logps=reference_shared[half:],
     )
     return policy, reference
 
@@ -482,12 +537,56 @@ TRL_PARITY_CASES = [
     DPOSettings(beta=0.3, loss_type=("ipo", "hinge", "apo_zero"), loss_weights=(1.0, 0.5, 2.0)),
     DPOSettings(beta=1.5, loss_type=("discopop",), discopop_tau=0.2),
 ]
+# f-divergences (with TRL's coef -> 1 fallback just inside and just outside its 1e-6 window), WPO weighting and LD-DPO.
+F_DIVERGENCES = [
+    {"f_divergence_type": "forward_kl"},
+    {"f_divergence_type": "js_divergence"},
+    *(
+        {"f_divergence_type": "alpha_divergence", "f_alpha_divergence_coef": coef}
+        for coef in (0.3, 1.7, 1 + 5e-7, 1 + 1e-4)
+    ),
+]
+NEW_SETTINGS_PARITY_CASES = [
+    *(
+        DPOSettings(beta=0.5, loss_type=(loss_type,), label_smoothing=0.1, **divergence)
+        for divergence in F_DIVERGENCES
+        for loss_type in F_DIVERGENCE_LOSS_TYPES
+    ),
+    *(
+        DPOSettings(beta=0.5, loss_type=(loss_type,), label_smoothing=0.1, use_weighting=True)
+        for loss_type in PER_EXAMPLE_LOSS_TYPES
+        if loss_type != "sft"
+    ),
+    *(
+        DPOSettings(beta=0.5, loss_type=(loss_type,), label_smoothing=0.1, ld_alpha=ld_alpha)
+        for ld_alpha in (0.0, 0.5, 1.0)
+        for loss_type in PER_EXAMPLE_LOSS_TYPES
+    ),
+    DPOSettings(
+        beta=0.2,
+        loss_type=("sigmoid", "ipo", "hinge"),
+        loss_weights=(1.0, 0.3, 0.5),
+        ld_alpha=0.25,
+        f_divergence_type="alpha_divergence",
+        f_alpha_divergence_coef=0.6,
+        use_weighting=True,
+    ),
+    DPOSettings(beta=0.2, loss_type=("bco_pair", "apo_down"), ld_alpha=0.5, use_weighting=True),
+]
 
 
-@pytest.mark.parametrize("config", TRL_PARITY_CASES, ids=lambda c: f"{'+'.join(c.loss_type)}-b{c.beta}")
-def test_single_batch_metrics_equal_trl_compute_loss(config: DPOSettings) -> None:
+def _case_id(config: DPOSettings) -> str:
+    variants = [
+        f"{name}={getattr(config, name)}"
+        for name in ("ld_alpha", "f_divergence_type", "f_alpha_divergence_coef", "use_weighting")
+        if getattr(config, name) != DPOSettings.__dataclass_fields__[name].default
+    ]
+    return "-".join(["+".join(config.loss_type), f"b{config.beta}", *variants])
+
+
+def assert_metrics_equal_trl(config: DPOSettings, precompute_ref: bool) -> None:
     batch = _fixed_batch()
-    trl_loss, trl_metrics = _trl_eval(batch, config)
+    trl_loss, trl_metrics = _trl_eval(batch, config, precompute_ref)
     policy, reference = _scores_from_batch(batch)
     ours = metrics.aggregate(metrics.build_per_example(torch.arange(len(policy)), policy, reference, config))
     assert set(trl_metrics) == set(METRIC_NAMES) - {"loss"}
@@ -496,14 +595,44 @@ def test_single_batch_metrics_equal_trl_compute_loss(config: DPOSettings) -> Non
         assert math.isclose(ours[name], value, rel_tol=1e-5, abs_tol=1e-6), f"{name}: ours {ours[name]}, TRL {value}"
 
 
+@pytest.mark.parametrize("precompute_ref", [False, True], ids=["ref-inline", "ref-precomputed"])
+@pytest.mark.parametrize("config", TRL_PARITY_CASES, ids=_case_id)
+def test_single_batch_metrics_equal_trl_compute_loss(config: DPOSettings, precompute_ref: bool) -> None:
+    assert_metrics_equal_trl(config, precompute_ref)
+
+
+@pytest.mark.parametrize("precompute_ref", [False, True], ids=["ref-inline", "ref-precomputed"])
+@pytest.mark.parametrize("config", NEW_SETTINGS_PARITY_CASES, ids=_case_id)
+def test_f_divergence_weighting_and_ld_alpha_equal_trl_compute_loss(config: DPOSettings, precompute_ref: bool) -> None:
+    assert_metrics_equal_trl(config, precompute_ref)
+
+
+def test_trl_cannot_weigh_the_sft_loss_and_neither_do_we() -> None:
+    """TRL's sft loss is one value expanded over the batch, which its in-place WPO weighting cannot write to."""
+    # DPOSettings refuses the combination, so it is set past the check to drive TRL with it.
+    unchecked = DPOSettings(loss_type="sigmoid", use_weighting=True)
+    object.__setattr__(unchecked, "loss_type", ("sigmoid", "sft"))
+    object.__setattr__(unchecked, "loss_weights", None)
+    with pytest.raises(RuntimeError, match="more than one element of the written-to tensor"):
+        _trl_eval(_fixed_batch(), unchecked)
+    with pytest.raises(SettingsError, match="use_weighting cannot weigh loss_type 'sft'") as refused:
+        DPOSettings(loss_type=("sigmoid", "sft"), use_weighting=True)
+    assert refused.value.field == "use_weighting"
+
+
 def test_fixed_batch_exercises_the_edge_cases() -> None:
-    """Guard the parity fixture itself: the token counts differ, and accuracies is neither 0 nor 1."""
+    """Guard the parity fixture itself: the token counts differ, accuracies is neither 0 nor 1, LD-DPO's
+    shared length cuts both models' sums, and the WPO weights are not all 1."""
     batch = _fixed_batch()
     policy, reference = _scores_from_batch(batch)
     assert not torch.equal(policy.chosen_tokens, policy.chosen_scored_tokens)
     rewards_c = policy.chosen_logps - reference.chosen_logps
     rewards_r = policy.rejected_logps - reference.rejected_logps
     assert 0 < (rewards_c > rewards_r).sum().item() < len(policy)
+    for scores in (policy, reference):
+        assert not torch.equal(scores.chosen_shared_logps, scores.chosen_logps)
+        assert not torch.equal(scores.rejected_shared_logps, scores.rejected_logps)
+    assert (metrics.wpo_weights(policy) - 1).abs().min().item() > 1e-3
 
 
 # --------------------------------------------------------------------------------------------
@@ -663,6 +792,251 @@ def test_metrics_do_not_depend_on_batch_partition(
 
 
 # --------------------------------------------------------------------------------------------
+# f-divergences, WPO weights, LD-DPO
+# --------------------------------------------------------------------------------------------
+
+F_DIVERGENCE_TYPES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+RAW_LOG_RATIO_LOSS_TYPES = tuple(t for t in PER_EXAMPLE_LOSS_TYPES if t not in F_DIVERGENCE_LOSS_TYPES)
+# Away from TRL's coef -> 1 fallback window, and small enough that exp() stays far from its clamp on [-30, 30].
+alpha_coefs = st.floats(-1.5, 2.5).filter(lambda coef: abs(coef - 1.0) > 1e-3)
+
+
+def closed_form_f_divergence(x: float, f_divergence_type: str, coef: float) -> float:
+    """TRL's f'(t) at t = exp(x), x the log-ratio."""
+    if f_divergence_type == "forward_kl":
+        return 1 - math.exp(-x)  # f'(t) = 1 - 1/t
+    if f_divergence_type == "js_divergence":
+        return math.log(2) + logsigmoid(x)  # f'(t) = log(2t / (t + 1))
+    if f_divergence_type == "alpha_divergence":
+        return (math.exp(min((coef - 1) * x, 80.0)) - 1) / (coef - 1)  # f'(t) = (t^(a-1) - 1) / (a - 1)
+    return x
+
+
+@st.composite
+def rows_with_sums(draw: st.DrawFn, n: int) -> list[dict[str, float]]:
+    """`score_rows` with the WPO and LD-DPO sums: the shorter completion's shared sum is its whole sum."""
+    rows = draw(score_rows(n))
+    for row in rows:
+        shared = min(row["chosen_scored_tokens"], row["rejected_scored_tokens"])
+        for side in ("chosen", "rejected"):
+            scored, logps = row[f"{side}_scored_tokens"], row[f"{side}_logps"]
+            row[f"{side}_log_sum_sq_probs"] = -draw(st.integers(0, 32 * scored)) / 8
+            row[f"{side}_shared_logps"] = logps if scored == shared else draw(st.integers(round(logps * 8), 0)) / 8
+    return rows
+
+
+@st.composite
+def pair_with_sums(draw: st.DrawFn) -> tuple[list[dict[str, float]], list[dict[str, float]]]:
+    n = draw(st.integers(1, 12))
+    return draw(rows_with_sums(n)), draw(rows_with_sums(n))
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    x=st.lists(logratio, min_size=1, max_size=16),
+    f_divergence_type=st.sampled_from(F_DIVERGENCE_TYPES),
+    coef=alpha_coefs,
+)
+def test_f_divergence_scores_match_closed_forms(x: list[float], f_divergence_type: str, coef: float) -> None:
+    got = metrics.f_divergence_scores(torch.tensor(x, dtype=torch.float32), f_divergence_type, coef)
+    for i, value in enumerate(x):
+        expected = closed_form_f_divergence(value, f_divergence_type, coef)
+        assert_close(got[i].item(), expected, 1e-5, 1e-5, f"{f_divergence_type}({value})")
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    x=st.lists(logratio, min_size=2, max_size=16, unique=True),
+    f_divergence_type=st.sampled_from(F_DIVERGENCE_TYPES),
+    coef=alpha_coefs,
+)
+def test_f_divergence_scores_rise_with_the_log_ratio_and_vanish_at_zero(
+    x: list[float], f_divergence_type: str, coef: float
+) -> None:
+    """f' is increasing with f'(1) = 0: a policy that matches the reference scores 0 under every divergence."""
+    ordered = torch.tensor(sorted(x) + [0.0], dtype=torch.float32)
+    got = metrics.f_divergence_scores(ordered, f_divergence_type, coef)
+    assert bool((got[1:-1] >= got[:-2]).all()), got
+    assert got[-1].item() == 0.0
+
+
+@settings(max_examples=60, deadline=None)
+@given(pair=pair_with_sums(), config=dpo_settings(loss_types=F_DIVERGENCE_LOSS_TYPES), offset=st.floats(-9e-7, 9e-7))
+def test_alpha_divergence_near_one_is_reverse_kl(
+    pair: tuple[list[dict[str, float]], list[dict[str, float]]], config: DPOSettings, offset: float
+) -> None:
+    """TRL's limit case: within 1e-6 of coef 1, alpha_divergence is exactly standard DPO (reverse_kl)."""
+    alpha = dataclasses.replace(config, f_divergence_type="alpha_divergence", f_alpha_divergence_coef=1.0 + offset)
+    explicit = dataclasses.replace(config, f_divergence_type="reverse_kl")
+    standard = build(*pair, config)
+    for variant in (alpha, explicit):
+        torch.testing.assert_close(build(*pair, variant).losses, standard.losses, rtol=0, atol=0, equal_nan=True)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    x=st.lists(st.integers(-4 * 1024, 4 * 1024).map(lambda k: k / 1024), min_size=1, max_size=16),
+    side=st.sampled_from((-1, 1)),
+)
+def test_alpha_divergence_tends_to_reverse_kl_as_coef_tends_to_one(x: list[float], side: int) -> None:
+    """(e^((a-1)x) - 1) / (a-1) = x + (a-1) x^2 / 2 + ...: outside TRL's fallback window it still approaches x."""
+    logratios = torch.tensor(x, dtype=torch.float32)
+    for distance in (1e-1, 1e-2, 1e-3):
+        got = metrics.f_divergence_scores(logratios, "alpha_divergence", 1.0 + side * distance).double()
+        bound = distance * logratios.double() ** 2 + 1e-4 * (1 + logratios.double().abs())
+        assert bool(((got - logratios.double()).abs() <= bound).all()), (distance, got, logratios)
+
+
+@pytest.mark.parametrize("loss_type", RAW_LOG_RATIO_LOSS_TYPES)
+@pytest.mark.parametrize("f_divergence_type", F_DIVERGENCE_TYPES[1:])
+@settings(max_examples=20, deadline=None)
+@given(data=loss_inputs(), beta=betas)
+def test_raw_log_ratio_losses_ignore_the_f_divergence(
+    loss_type: str, f_divergence_type: str, data: dict[str, Any], beta: float
+) -> None:
+    """TRL feeds these losses the log-ratios themselves (and refuses a non-default f-divergence with them)."""
+    keys = ("c", "r", "c_tokens", "r_tokens", "lp", "scored")
+    arguments = [torch.tensor(data[key], dtype=torch.float32) for key in keys]
+    standard = metrics.loss_per_example(loss_type, *arguments, beta=beta)
+    diverged = metrics.loss_per_example(loss_type, *arguments, beta=beta, f_divergence_type=f_divergence_type)
+    assert torch.equal(standard, diverged)
+    with pytest.raises(SettingsError, match=f"does not apply to loss_type {loss_type}"):
+        DPOSettings(loss_type=loss_type, f_divergence_type=f_divergence_type)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    pair=pair_with_sums(),
+    config=dpo_settings(loss_types=F_DIVERGENCE_LOSS_TYPES),
+    f_divergence_type=st.sampled_from(F_DIVERGENCE_TYPES),
+    use_weighting=st.booleans(),
+)
+def test_f_divergence_and_weighting_change_only_the_loss(
+    pair: tuple[list[dict[str, float]], list[dict[str, float]]],
+    config: DPOSettings,
+    f_divergence_type: str,
+    use_weighting: bool,
+) -> None:
+    assume(not (use_weighting and config.loss_type == ("sft",)))
+    standard = build(*pair, config)
+    changed = dataclasses.replace(config, f_divergence_type=f_divergence_type, use_weighting=use_weighting)
+    variant = build(*pair, changed)
+    for field in dataclasses.fields(PerExample):
+        if field.name != "losses":
+            assert torch.equal(getattr(variant, field.name), getattr(standard, field.name)), field.name
+
+
+@settings(max_examples=100, deadline=None)
+@given(pair=pair_with_sums(), config=dpo_settings(loss_types=tuple(t for t in PER_EXAMPLE_LOSS_TYPES if t != "sft")))
+def test_wpo_weights_are_the_closed_form_and_scale_each_loss(
+    pair: tuple[list[dict[str, float]], list[dict[str, float]]], config: DPOSettings
+) -> None:
+    policy_rows, reference_rows = pair
+    weights = metrics.wpo_weights(to_scores(policy_rows))
+    unweighted = build(policy_rows, reference_rows, config).losses
+    weighted = build(policy_rows, reference_rows, dataclasses.replace(config, use_weighting=True)).losses
+    for i, row in enumerate(policy_rows):
+        expected = math.exp(
+            sum(
+                (row[f"{side}_logps"] - row[f"{side}_log_sum_sq_probs"]) / max(row[f"{side}_scored_tokens"], 1)
+                for side in ("chosen", "rejected")
+            )
+        )
+        assert_close(weights[i].item(), expected, 1e-5, 0.0, f"weight {i}")
+        assert 0.0 < weights[i].item() < math.inf
+        assert_close(weighted[i].item(), unweighted[i].item() * weights[i].item(), 1e-5, 1e-30, f"loss {i}")
+
+
+@settings(max_examples=60, deadline=None)
+@given(pair=pair_with_sums(), config=dpo_settings(loss_types=tuple(t for t in PER_EXAMPLE_LOSS_TYPES if t != "sft")))
+def test_wpo_weight_is_one_when_the_target_is_certain_or_the_distribution_uniform(
+    pair: tuple[list[dict[str, float]], list[dict[str, float]]], config: DPOSettings
+) -> None:
+    """log p(target) = log sum_v p_v^2 in both cases (0, or -log vocab), so the weighting changes nothing."""
+    policy_rows, reference_rows = pair
+    for row in policy_rows:
+        for side in ("chosen", "rejected"):
+            row[f"{side}_log_sum_sq_probs"] = row[f"{side}_logps"]
+    weighted = build(policy_rows, reference_rows, dataclasses.replace(config, use_weighting=True))
+    assert torch.equal(weighted.losses, build(policy_rows, reference_rows, config).losses)
+
+
+def test_wpo_weight_exceeds_one_when_the_target_is_the_likelier_token() -> None:
+    """p = (0.6, 0.4), target at 0.6: p(target) / sum_v p_v^2 = 0.6 / 0.52, so WPO weights are not capped at 1."""
+    one = torch.ones(1, dtype=torch.int64)
+    scores = SequenceScores(
+        *(torch.tensor([math.log(0.6)]),) * 2, one, one, one, one, *(torch.zeros(1),) * 4, one,
+        chosen_log_sum_sq_probs=torch.tensor([math.log(0.52)]),
+        rejected_log_sum_sq_probs=torch.tensor([math.log(0.52)]),
+    )  # fmt: skip
+    assert metrics.wpo_weights(scores).item() == pytest.approx((0.6 / 0.52) ** 2)
+
+
+def test_weighting_and_ld_alpha_need_the_sums_hand_built_scores_lack() -> None:
+    scores = SequenceScores(*(torch.zeros(2) for _ in range(11)))
+    for setting in ({"use_weighting": True}, {"ld_alpha": 0.5}):
+        with pytest.raises(ValueError, match=f"{next(iter(setting))} needs per-sequence sums"):
+            metrics.build_per_example(torch.arange(2), scores, scores, DPOSettings(**setting))
+
+
+@settings(max_examples=100, deadline=None)
+@given(pair=pair_with_sums(), config=dpo_settings())
+def test_ld_alpha_one_is_standard_dpo(
+    pair: tuple[list[dict[str, float]], list[dict[str, float]]], config: DPOSettings
+) -> None:
+    standard = build(*pair, config)
+    desensitised = build(*pair, dataclasses.replace(config, ld_alpha=1.0))
+    for name in ("policy_chosen_logps", "reference_rejected_logps", "chosen_rewards", "margins", "losses"):
+        torch.testing.assert_close(
+            getattr(desensitised, name), getattr(standard, name), rtol=1e-5, atol=1e-5, equal_nan=True
+        )
+
+
+@settings(max_examples=100, deadline=None)
+@given(pair=pair_with_sums(), config=dpo_settings(), ld_alpha=st.floats(0.0, 1.0))
+def test_ld_alpha_leaves_rows_of_equal_completion_lengths_alone(
+    pair: tuple[list[dict[str, float]], list[dict[str, float]]], config: DPOSettings, ld_alpha: float
+) -> None:
+    """With equal scored lengths nothing lies beyond the shared length: every sum is the shared sum."""
+    for rows in pair:
+        for row in rows:
+            row["rejected_scored_tokens"] = row["chosen_scored_tokens"]
+            row["chosen_shared_logps"], row["rejected_shared_logps"] = row["chosen_logps"], row["rejected_logps"]
+    standard = build(*pair, config)
+    desensitised = build(*pair, dataclasses.replace(config, ld_alpha=ld_alpha))
+    for field in dataclasses.fields(PerExample):
+        torch.testing.assert_close(
+            getattr(desensitised, field.name), getattr(standard, field.name), rtol=0, atol=0, equal_nan=True
+        )
+
+
+@settings(max_examples=100, deadline=None)
+@given(pair=pair_with_sums(), low=st.floats(0.0, 1.0), high=st.floats(0.0, 1.0))
+def test_ld_alpha_moves_each_sum_from_the_shared_part_to_the_whole(
+    pair: tuple[list[dict[str, float]], list[dict[str, float]]], low: float, high: float
+) -> None:
+    """ld_alpha 0 keeps only the shared length; a larger ld_alpha adds more of the (non-positive) tail."""
+    low, high = sorted((low, high))
+    scores = to_scores(pair[0])
+    at_zero = metrics.sequence_logps(scores, 0.0)
+    at_low, at_high = metrics.sequence_logps(scores, low), metrics.sequence_logps(scores, high)
+    for side, shared in enumerate((scores.chosen_shared_logps, scores.rejected_shared_logps)):
+        assert torch.equal(at_zero[side], shared)
+        assert bool((at_high[side] <= at_low[side] + 1e-5).all())
+
+
+@settings(max_examples=60, deadline=None)
+@given(pair=pair_with_sums(), ld_alpha=st.floats(0.0, 1.0))
+def test_ld_alpha_leaves_the_sft_loss_on_the_plain_log_probs(
+    pair: tuple[list[dict[str, float]], list[dict[str, float]]], ld_alpha: float
+) -> None:
+    """TRL's sft loss reads the per-token log-probs, not LD-DPO's sums."""
+    config = DPOSettings(loss_type="sft")
+    standard = build(*pair, config).losses
+    assert torch.equal(build(*pair, dataclasses.replace(config, ld_alpha=ld_alpha)).losses, standard)
+
+
+# --------------------------------------------------------------------------------------------
 # DPOSettings validation
 # --------------------------------------------------------------------------------------------
 
@@ -687,11 +1061,46 @@ def test_metrics_do_not_depend_on_batch_partition(
         ({"discopop_tau": 0.0}, r"discopop_tau must be > 0"),
         ({"max_length": 1}, r"max_length must be at least 2"),
         ({"batch_size": 0}, r"batch_size must be at least 1"),
+        ({"ld_alpha": -0.1}, r"ld_alpha must be in \[0, 1\] \(or None for plain DPO\), got -0\.1"),
+        ({"ld_alpha": 1.5}, r"ld_alpha must be in \[0, 1\]"),
+        ({"ld_alpha": float("nan")}, r"ld_alpha must be in \[0, 1\]"),
+        ({"f_divergence_type": "kl"},
+         r"Unknown f_divergence_type 'kl'\. Choose from: reverse_kl, forward_kl, js_divergence, alpha_divergence"),
+        ({"f_alpha_divergence_coef": float("inf")}, r"f_alpha_divergence_coef must be a finite number, got inf"),
+        ({"f_alpha_divergence_coef": float("nan")}, r"f_alpha_divergence_coef must be a finite number"),
+        ({"loss_type": ("sigmoid", "nca_pair", "bco_pair"), "f_divergence_type": "js_divergence"},
+         r"f_divergence_type 'js_divergence' does not apply to loss_type nca_pair, bco_pair"),
+        ({"loss_type": ("sigmoid", "sft"), "use_weighting": True}, r"use_weighting cannot weigh loss_type 'sft'"),
     ],
 )
 def test_settings_validation_names_the_setting(kwargs: dict[str, Any], match: str) -> None:
     with pytest.raises(SettingsError, match=match):
         DPOSettings(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ({"ld_alpha": "0.25"}, {"ld_alpha": 0.25}),
+        ({"ld_alpha": "None"}, {"ld_alpha": None}),
+        ({"f_divergence_type": "alpha_divergence", "f_alpha_divergence_coef": "0.3"},
+         {"f_divergence_type": "alpha_divergence", "f_alpha_divergence_coef": 0.3}),
+        ({"use_weighting": "true"}, {"use_weighting": True}),
+        ({"use_weighting": "off"}, {"use_weighting": False}),
+    ],
+)
+def test_settings_read_the_loss_variants_from_text(text: dict[str, str], expected: dict[str, Any]) -> None:
+    config = DPOSettings.from_text(text)
+    assert {name: getattr(config, name) for name in expected} == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [({"ld_alpha": "half"}, "give a number, or none"), ({"use_weighting": "maybe"}, "give true or false")],
+)
+def test_settings_name_what_a_loss_variant_text_should_be(text: dict[str, str], match: str) -> None:
+    with pytest.raises(SettingsError, match=match):
+        DPOSettings.from_text(text)
 
 
 def test_settings_error_is_a_value_error() -> None:
@@ -730,6 +1139,17 @@ def test_settings_defaults_follow_trl_dpo_config() -> None:
         elif f.default_factory is not dataclasses.MISSING:
             trl_defaults[f.name] = f.default_factory()
     ours = DPOSettings()
-    for name in ("beta", "loss_weights", "label_smoothing", "discopop_tau", "max_length", "truncation_mode"):
+    for name in (
+        "beta",
+        "loss_weights",
+        "label_smoothing",
+        "discopop_tau",
+        "max_length",
+        "truncation_mode",
+        "ld_alpha",
+        "f_divergence_type",
+        "f_alpha_divergence_coef",
+        "use_weighting",
+    ):
         assert getattr(ours, name) == trl_defaults[name], name
     assert list(ours.loss_type) == list(trl_defaults["loss_type"])

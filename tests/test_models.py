@@ -15,6 +15,7 @@ from pytest_dpo.models import (
     fingerprint,
     resolve_reference,
 )
+from pytest_dpo.spelling import spelled_for
 
 from .fixture_paths import BASE, FULL_RUN, LORA_RUN
 
@@ -99,7 +100,11 @@ def test_explicit_reference_adapter_is_loaded_on_its_base() -> None:
 
 def test_full_model_without_reference_says_how_to_pass_one() -> None:
     (checkpoint,) = discover_checkpoints(FULL_RUN / "checkpoint-2")
-    with pytest.raises(CheckpointError, match="--dpo-reference / reference="):
+    with pytest.raises(CheckpointError, match="started from with --dpo-reference$"):
+        resolve_reference(checkpoint, None)
+    with spelled_for("python"), pytest.raises(CheckpointError, match="started from with reference=$"):
+        resolve_reference(checkpoint, None)
+    with spelled_for("cli"), pytest.raises(CheckpointError, match="started from with --reference$"):
         resolve_reference(checkpoint, None)
 
 

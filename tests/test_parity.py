@@ -18,7 +18,7 @@ from pytest_dpo import evaluate, load_eval_set
 from pytest_dpo.evalset import tokenize_eval_set
 from pytest_dpo.metrics_names import METRIC_NAMES
 from pytest_dpo.results import EvalResult
-from pytest_dpo.settings import PER_EXAMPLE_LOSS_TYPES
+from pytest_dpo.settings import PER_EXAMPLE_LOSS_TYPES, SettingsError
 
 from .fixture_paths import (
     BASE,
@@ -115,6 +115,75 @@ def test_combined_loss_types_with_weights_match_trl(tmp_path: Path) -> None:
     settings = {"loss_type": ["sigmoid", "bco_pair", "sft"], "loss_weights": [0.8, 0.2, 1.0]}
     trl = trl_numbers(tmp_path, EVAL_STANDARD, checkpoint, **settings)
     ours = evaluate(checkpoint, EVAL_STANDARD, reference=BASE, device="cpu", **settings)
+    assert_same_numbers(ours, trl)
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
+@pytest.mark.parametrize("f_divergence_type", ["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"])
+def test_f_divergences_match_trl(tmp_path: Path, f_divergence_type: str, loss_type: str) -> None:
+    checkpoint = FULL_RUN / "checkpoint-6"
+    settings = {
+        "loss_type": loss_type,
+        "f_divergence_type": f_divergence_type,
+        "f_alpha_divergence_coef": 0.7,
+        "max_length": 48,
+    }
+    trl = trl_numbers(tmp_path, EVAL_STANDARD, checkpoint, **settings)
+    ours = evaluate(checkpoint, EVAL_STANDARD, reference=BASE, device="cpu", **settings)
+    assert_same_numbers(ours, trl)
+
+
+def test_f_divergence_with_a_raw_log_ratio_loss_is_refused_as_trl_refuses_it(tmp_path: Path) -> None:
+    checkpoint = FULL_RUN / "checkpoint-6"
+    settings = {"loss_type": "nca_pair", "f_divergence_type": "forward_kl"}
+    with pytest.raises(ValueError, match="only supported for the following loss types"):
+        trl_numbers(tmp_path, EVAL_STANDARD, checkpoint, **settings)
+    with pytest.raises(SettingsError, match="does not apply to loss_type nca_pair"):
+        evaluate(checkpoint, EVAL_STANDARD, reference=BASE, device="cpu", **settings)
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "bco_pair"])
+def test_wpo_weighting_matches_trl(tmp_path: Path, loss_type: str) -> None:
+    checkpoint = FULL_RUN / "checkpoint-6"
+    settings = {"loss_type": loss_type, "use_weighting": True, "max_length": 48}
+    trl = trl_numbers(tmp_path, EVAL_STANDARD, checkpoint, **settings)
+    ours = evaluate(checkpoint, EVAL_STANDARD, reference=BASE, device="cpu", **settings)
+    assert_same_numbers(ours, trl)
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "apo_zero"])
+@pytest.mark.parametrize("ld_alpha", [0.5, 0.0])
+def test_ld_alpha_matches_trl(tmp_path: Path, ld_alpha: float, loss_type: str) -> None:
+    checkpoint = FULL_RUN / "checkpoint-6"
+    settings = {"loss_type": loss_type, "ld_alpha": ld_alpha, "max_length": 48}
+    trl = trl_numbers(tmp_path, EVAL_STANDARD, checkpoint, **settings)
+    ours = evaluate(checkpoint, EVAL_STANDARD, reference=BASE, device="cpu", **settings)
+    assert_same_numbers(ours, trl)
+    plain = evaluate(checkpoint, EVAL_STANDARD, reference=BASE, device="cpu", loss_type=loss_type, max_length=48)
+    assert not torch.allclose(ours.per_example.policy_chosen_logps, plain.per_example.policy_chosen_logps)
+
+
+def test_ld_alpha_on_keep_end_truncation_and_a_lora_reference_matches_trl(tmp_path: Path) -> None:
+    """Completions that start their sequence have one scored token fewer, which sets the shared length."""
+    checkpoint = LORA_RUN / "checkpoint-6"
+    settings = {"ld_alpha": 0.5, "max_length": 32, "truncation_mode": "keep_end"}
+    trl = trl_numbers(tmp_path, EVAL_STANDARD, checkpoint, lora=True, **settings)
+    ours = evaluate(checkpoint, EVAL_STANDARD, device="cpu", **settings)
+    assert_same_numbers(ours, trl)
+
+
+def test_ld_alpha_weighting_and_alpha_divergence_together_match_trl(tmp_path: Path) -> None:
+    checkpoint = FULL_RUN / "checkpoint-4"
+    settings = {
+        "loss_type": ["sigmoid", "hinge"],
+        "loss_weights": [1.0, 0.5],
+        "ld_alpha": 0.3,
+        "use_weighting": True,
+        "f_divergence_type": "alpha_divergence",
+        "f_alpha_divergence_coef": 1.4,
+    }
+    trl = trl_numbers(tmp_path, EVAL_CONVERSATIONAL, checkpoint, **settings)
+    ours = evaluate(checkpoint, EVAL_CONVERSATIONAL, reference=BASE, device="cpu", **settings)
     assert_same_numbers(ours, trl)
 
 

@@ -240,7 +240,7 @@ def test_a_checkpoint_with_no_dpo_test_does_not_pass_and_fails_the_session(margi
 def test_without_checkpoints_dpo_tests_are_skipped_with_the_reason(margin_suite: pytest.Pytester) -> None:
     result = margin_suite.runpytest("-rs")
     result.assert_outcomes(skipped=2)
-    result.stdout.fnmatch_lines(["*no DPO checkpoint: pass --dpo-checkpoint PATH*"])
+    result.stdout.fnmatch_lines(["*no DPO checkpoint: pass --dpo-checkpoint=PATH*"])
     assert not (margin_suite.path / "verdicts.jsonl").exists()
 
 

@@ -67,6 +67,18 @@ def test_truncated_rows_take_the_two_sequence_path_and_agree(truncation_mode: st
     assert_same_results(shared, separate)
 
 
+@pytest.mark.parametrize(
+    "variant", [{"ld_alpha": 0.5}, {"use_weighting": True}, {"ld_alpha": 0.0, "use_weighting": True}],
+    ids=["ld-alpha", "use-weighting", "both"],
+)
+def test_shared_prompt_gives_the_two_sequence_numbers_with_ld_alpha_and_weighting(variant: dict) -> None:
+    """The shared-length and log sum p^2 sums come out of both paths alike."""
+    args = (FULL_RUN / "checkpoint-6", EVAL_STANDARD)
+    shared = evaluate(*args, reference=BASE, batch_size=4, share_prompt=True, **variant)
+    separate = evaluate(*args, reference=BASE, batch_size=4, share_prompt=False, **variant)
+    assert_same_results(shared, separate)
+
+
 def backbone_batch_sizes(model: torch.nn.Module, tokenized: TokenizedEvalSet, share_prompt: bool) -> list[int]:
     sizes: list[int] = []
     handle = model.model.register_forward_hook(lambda module, args, output: sizes.append(output.last_hidden_state.shape[0]))

@@ -12,6 +12,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import jsonschema
+import torch
 import pytest
 from PIL import Image, ImageStat
 
@@ -300,7 +301,7 @@ def test_report_entry_from_a_session_checkpoint() -> None:
     verdicts.record("checkpoint-4", "t::a[checkpoint-4]", "call", "passed")
     verdicts.expect("checkpoint-6", "t::a[checkpoint-6]")
     checkpoint = SimpleNamespace(name="checkpoint-4", path=Path("run/checkpoint-4"), step=4, kind="adapter")
-    per_example = SimpleNamespace(to_dict=lambda: {"rows": [0, 2]})
+    per_example = SimpleNamespace(to_dict=lambda: {"rows": [0, 2]}, losses=torch.tensor([0.5, float("nan")]))
     result = SimpleNamespace(metrics={"loss": 0.5}, num_examples=2, dropped_rows=[1], per_example=per_example)
     entry = report_entry(checkpoint, verdicts["checkpoint-4"], result, evaluate_seconds=0.5)
     assert entry == ReportEntry(
@@ -308,6 +309,7 @@ def test_report_entry_from_a_session_checkpoint() -> None:
         verdict={"passed": True, "summary": "passed", "tests": {"passed": ["t::a[checkpoint-4]"], "failed": [],
                                                               "error": [], "skipped": [], "not_run": []}},
         metrics={"loss": 0.5}, scored_rows=2, dropped_rows=[1], evaluate_seconds=0.5, per_example={"rows": [0, 2]},
+        non_finite_rows=1,
     )
     failed = SimpleNamespace(name="checkpoint-6", path=Path("run/checkpoint-6"), step=6, kind="model")
     entry = report_entry(failed, verdicts["checkpoint-6"], None)

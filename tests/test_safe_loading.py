@@ -62,7 +62,7 @@ def pickle_checkpoint(tmp_path: Path) -> Path:
 def test_pickle_weights_load_with_the_flag_and_score_like_the_safetensors(
     pickle_checkpoint: Path, reference_result: EvalResult
 ) -> None:
-    with pytest.raises(CheckpointError, match="pytorch_model.bin: .*--dpo-allow-pickle"):
+    with pytest.raises(CheckpointError, match="pytorch_model.bin: .*pass allow_pickle=True to load it"):
         evaluate(pickle_checkpoint, EVAL_STANDARD, reference=BASE)
     result = evaluate(pickle_checkpoint, EVAL_STANDARD, reference=BASE, allow_pickle=True)
     assert torch.equal(result.per_example.policy_chosen_logps, reference_result.per_example.policy_chosen_logps)
@@ -148,7 +148,7 @@ def test_trust_remote_code_reaches_every_from_pretrained_and_only_with_the_flag(
 
     spy(transformers.AutoModelForCausalLM)
     spy(transformers.AutoTokenizer)
-    with pytest.raises(CheckpointError, match="tokenizer_config.json: its auto_map .*--dpo-trust-remote-code"):
+    with pytest.raises(CheckpointError, match="tokenizer_config.json: its auto_map .*Pass trust_remote_code=True if"):
         evaluate(checkpoint, EVAL_STANDARD, reference=BASE)
     assert calls == []
     evaluate(checkpoint, EVAL_STANDARD, reference=BASE, trust_remote_code=True)

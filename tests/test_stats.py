@@ -237,7 +237,7 @@ def test_mean_interval_refuses_bad_input() -> None:
         mean_interval([1.0, math.nan, math.inf])
     with pytest.raises(ValueError, match="must be 1-D"):
         mean_interval(torch.zeros(2, 3))
-    with pytest.raises(ValueError, match="Unknown method 'normal'.*t, bootstrap"):
+    with pytest.raises(ValueError, match="Unknown interval method 'normal'.*t, bootstrap"):
         mean_interval([1.0, 2.0], method="normal")
     with pytest.raises(ValueError, match="confidence must be in"):
         mean_interval([1.0, 2.0], confidence=1.0)
