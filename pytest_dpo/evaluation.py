@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import warnings
 from collections.abc import Callable, Sequence
@@ -18,6 +19,7 @@ from .models import (
     Checkpoint,
     CheckpointError,
     LoadOptions,
+    autocast_dtype,
     choose_device,
     choose_dtype,
     discover_checkpoints,
@@ -29,8 +31,8 @@ from .models import (
     resolve_reference,
 )
 from .results import EvalResult, SequenceScores
-from .scoring import score
 from .run_settings import ARGUMENT, FROM_RUN, FromRun, resolve_settings
+from .scoring import score
 from .settings import DPOSettings
 from .spelling import option, spelled_for
 
@@ -202,8 +204,8 @@ def evaluate_with_settings(
 
     tokens = tokens_digest(tokenized, settings.max_length, settings.truncation_mode)
     keys = {
-        "policy": cache_key(policy_fingerprint(target), str(dtype), device, tokens),
-        "reference": cache_key(reference_fingerprint(ref), str(dtype), device, tokens),
+        "policy": cache_key(policy_fingerprint(target), plan.precision, device, tokens),
+        "reference": cache_key(reference_fingerprint(ref), plan.precision, device, tokens),
     }
     cached = {role: cache.get(key, len(tokenized.rows)) if cache else None for role, key in keys.items()}
     if world is not None:
@@ -240,7 +242,7 @@ def evaluate_with_settings(
         per_example=per_example,
         dropped_rows=tokenized.dropped_rows,
         eval_set_sha256=data.sha256,
-        settings={**settings.to_dict(), "device": device, "dtype": str(dtype).removeprefix("torch.")},
+        settings={**settings.to_dict(), "device": device, "dtype": plan.precision},
         prompts=[data.prompt_text(index)[:PROMPT_SNIPPET_CHARS] for index in range(len(data))],
     )
 
@@ -270,20 +272,30 @@ class _ScoringPlan:
     options: LoadOptions
     settings: DPOSettings
 
+    @property
+    def precision(self) -> str:
+        """`float32`, `bfloat16`, … (the weights' dtype), or `autocast-bfloat16` / `autocast-float16`."""
+        if autocast_dtype(self.settings.dtype) is not None:
+            return str(self.settings.dtype)
+        return str(self.dtype).removeprefix("torch.")
+
     def load(self, loader: Callable[..., Any], source: Any) -> Any:
         return loader(source, device=self.device, dtype=self.dtype, options=self.options)
 
     def score(self, model: Any, tokenized: TokenizedEvalSet, on_batch: Callable[[int], None] | None) -> SequenceScores:
         settings = self.settings
-        return score(
-            model,
-            tokenized,
-            batch_size=settings.batch_size,
-            max_length=settings.max_length,
-            truncation_mode=settings.truncation_mode,
-            share_prompt=settings.share_prompt,
-            on_batch=on_batch,
-        )
+        autocast = autocast_dtype(settings.dtype)
+        device_type = torch.device(self.device).type
+        with torch.autocast(device_type, dtype=autocast) if autocast is not None else contextlib.nullcontext():
+            return score(
+                model,
+                tokenized,
+                batch_size=settings.batch_size,
+                max_length=settings.max_length,
+                truncation_mode=settings.truncation_mode,
+                share_prompt=settings.share_prompt,
+                on_batch=on_batch,
+            )
 
 
 def _score_missing(

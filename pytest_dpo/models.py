@@ -16,7 +16,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .settings import SettingsError
+from .settings import AUTOCAST_PREFIX, SettingsError
 from .spelling import flag, option
 
 if TYPE_CHECKING:
@@ -497,14 +497,24 @@ def checkpoint_ids(checkpoints: list[Checkpoint]) -> list[str]:
 
 
 def choose_dtype(dtype: str | None, device: str) -> torch.dtype:
-    """`dtype` if given, else bfloat16 on CUDA devices that support it, else float32."""
+    """The dtype to load weights in: `dtype` if given (float32 for the autocast modes, see `autocast_dtype`),
+    else bfloat16 on CUDA devices that support it, else float32."""
     import torch
 
     if dtype is not None:
-        return getattr(torch, dtype)
+        return torch.float32 if dtype.startswith(AUTOCAST_PREFIX) else getattr(torch, dtype)
     if device.startswith("cuda") and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return torch.float32
+
+
+def autocast_dtype(dtype: str | None) -> torch.dtype | None:
+    """The dtype models run under `torch.autocast` in for an `autocast-*` dtype setting, else None."""
+    import torch
+
+    if dtype is None or not dtype.startswith(AUTOCAST_PREFIX):
+        return None
+    return getattr(torch, dtype.removeprefix(AUTOCAST_PREFIX))
 
 
 def load_causal_lm(name_or_path: str, *, device: str, dtype: torch.dtype, options: LoadOptions = LoadOptions()) -> Any:

@@ -303,7 +303,9 @@ def _completion_sums(
     # Reused across chunks: on CPU a fresh vocab-sized tensor per chunk costs more in page faults than the math.
     rows = min(chunk, len(targets))
     exponentials_buffer = torch.empty(rows, vocab, dtype=torch.float32, device=hidden.device)
-    logits_buffer = torch.empty_like(exponentials_buffer) if _plain_fp32_head(head) else None
+    # Under autocast the head must run through autocast as TRL's does (half-precision logits): no out= buffer.
+    autocast = torch.is_autocast_enabled(hidden.device.type)
+    logits_buffer = torch.empty_like(exponentials_buffer) if _plain_fp32_head(head) and not autocast else None
     for start in range(0, len(targets), chunk):
         part = slice(start, start + chunk)
         logits = transform(_head_logits(head, token_hidden[part], logits_buffer))

@@ -33,7 +33,10 @@ F_DIVERGENCE_TYPES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_diverg
 # difference, so TRL refuses a non-default f-divergence with the other loss types.
 F_DIVERGENCE_LOSS_TYPES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft")
 TRUNCATION_MODES = ("keep_start", "keep_end")
-DTYPES = ("float32", "bfloat16", "float16")
+# Weights loaded in float32, bfloat16 or float16; or float32 weights run under torch.autocast, as TRL's
+# DPOConfig(bf16=True) (its default) and DPOConfig(fp16=True) evaluate them.
+AUTOCAST_PREFIX = "autocast-"
+DTYPES = ("float32", "bfloat16", "float16", "autocast-bfloat16", "autocast-float16")
 # accelerate's automatic placements (`from_pretrained(device_map=...)`).
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 
@@ -189,7 +192,12 @@ class DPOSettings:
     )
     dtype: str | None = field(
         default=None,
-        metadata={"help": "float32, bfloat16 or float16 (default: bfloat16 on CUDA devices that support it, else float32)."},
+        metadata={
+            "help": "float32, bfloat16 or float16: the weights loaded in that dtype; autocast-bfloat16 or "
+            "autocast-float16: float32 weights run under torch.autocast, as TRL's DPOConfig(bf16=True) (its default) "
+            "or DPOConfig(fp16=True) evaluates a float32 model (default: bfloat16 on CUDA devices that support it, "
+            "else float32)."
+        },
     )
     device_map: str | None = field(
         default=None,

@@ -78,10 +78,8 @@ def trl_evaluate(
         per_device_eval_batch_size=len(rows),
         report_to=[],
         use_cpu=True,
-        bf16=False,
-        fp16=False,
         dataloader_num_workers=0,
-        **dpo_settings,
+        **{"bf16": False, "fp16": False, **dpo_settings},
     )
     trainer = DPOTrainer(
         model=model,
