@@ -23,6 +23,7 @@ from pytest_dpo import metrics
 from pytest_dpo.metrics_names import METRIC_NAMES
 from pytest_dpo.results import PerExample, SequenceScores
 from pytest_dpo.settings import F_DIVERGENCE_LOSS_TYPES, PER_EXAMPLE_LOSS_TYPES, DPOSettings, SettingsError
+from pytest_dpo.training_args import TRAINING_SETTING_FIELDS
 
 EXAMPLE_MEAN_METRICS = (
     "loss",
@@ -1139,17 +1140,7 @@ def test_settings_defaults_follow_trl_dpo_config() -> None:
         elif f.default_factory is not dataclasses.MISSING:
             trl_defaults[f.name] = f.default_factory()
     ours = DPOSettings()
-    for name in (
-        "beta",
-        "loss_weights",
-        "label_smoothing",
-        "discopop_tau",
-        "max_length",
-        "truncation_mode",
-        "ld_alpha",
-        "f_divergence_type",
-        "f_alpha_divergence_coef",
-        "use_weighting",
-    ):
-        assert getattr(ours, name) == trl_defaults[name], name
+    for name in TRAINING_SETTING_FIELDS:
+        if name != "loss_type":
+            assert getattr(ours, name) == trl_defaults[name], name
     assert list(ours.loss_type) == list(trl_defaults["loss_type"])
