@@ -4,10 +4,11 @@ A key covers everything that changes a model's per-example log-probs: the
 model's weights fingerprint, dtype and device type, and the exact token ids
 of the eval set with the truncation settings (so any change to an eval row,
 the tokenizer, the chat template or `max_length` is a different key). DPO's
-`beta`, loss type, f-divergence, `ld_alpha` and `use_weighting` only enter
-later, in `metrics.py`, so the cached scores serve all of them: an entry
-holds the sums they are computed from (LD-DPO's shared-length sums depend on
-each row pair's lengths, which the token ids in the key fix).
+`beta`, loss type, f-divergence, `ld_alpha`, `use_weighting` and
+`router_aux_loss_coef` only enter later, in `metrics.py`, so the cached
+scores serve all of them: an entry holds the sums they are computed from
+(LD-DPO's shared-length sums depend on each row pair's lengths, which the
+token ids in the key fix).
 
 Entries are safetensors files (no pickle), written to a temporary file and
 renamed into place, so a crash never leaves a half-written entry under its
@@ -27,10 +28,11 @@ from pathlib import Path
 from typing import Any
 
 from .evalset import TokenizedEvalSet
-from .results import SequenceScores
+from .results import ROUTER_FIELDS, SequenceScores
 
 # 2: entries hold the log sum p^2 and LD-DPO shared-length sums, and top-1 hits break ties as TRL does.
-CACHE_FORMAT = 2
+# 3: entries of mixture-of-experts models hold their router sums (a format-2 entry of one would lack them).
+CACHE_FORMAT = 3
 
 
 def tokens_digest(tokenized: TokenizedEvalSet, max_length: int | None, truncation_mode: str) -> str:
@@ -84,7 +86,7 @@ class ScoreCache:
         from safetensors.torch import save_file
 
         self.directory.mkdir(parents=True, exist_ok=True)
-        tensors = {f.name: getattr(scores, f.name).contiguous() for f in fields(scores)}
+        tensors = {name: values.contiguous() for name, values in _present(scores).items()}
         handle, temporary = tempfile.mkstemp(prefix=f".{key}.", suffix=".partial", dir=self.directory)
         os.close(handle)
         try:
@@ -103,7 +105,7 @@ class ScoreCache:
             return None
         try:
             scores = _load(self._path(key))
-            if len(scores) != rows or any(len(getattr(scores, f.name)) != rows for f in fields(scores)):
+            if len(scores) != rows or any(len(values) != rows for values in _present(scores).values()):
                 raise ValueError("row count does not match")
             return scores
         except Exception:  # any unreadable entry is rebuilt, never trusted
@@ -112,11 +114,21 @@ class ScoreCache:
             return None
 
 
+def _present(scores: SequenceScores) -> dict[str, Any]:
+    """The fields that hold values (a model without router logits has no router sums)."""
+    return {f.name: getattr(scores, f.name) for f in fields(scores) if getattr(scores, f.name) is not None}
+
+
 def _load(path: Path) -> SequenceScores:
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as handle:
         if handle.metadata().get("format") != str(CACHE_FORMAT):
             raise ValueError("other cache format")
-        values: dict[str, Any] = {f.name: handle.get_tensor(f.name) for f in fields(SequenceScores)}
+        stored = set(handle.keys())
+        if stored & set(ROUTER_FIELDS) not in (set(), set(ROUTER_FIELDS)):
+            raise ValueError("some router sums missing")
+        # Every other field must be there: `get_tensor` raises for a missing one.
+        names = [f.name for f in fields(SequenceScores) if f.name in stored or f.name not in ROUTER_FIELDS]
+        values: dict[str, Any] = {name: handle.get_tensor(name) for name in names}
     return SequenceScores(**values)

@@ -98,7 +98,9 @@ def reassemble(shards: Sequence[tuple[Sequence[int], SequenceScores]], total: in
     columns = {}
     for column in fields(SequenceScores):
         first = getattr(shards[0][1], column.name)
-        merged = first.new_empty(total)
+        if first is None:
+            continue
+        merged = first.new_empty((total, *first.shape[1:]))
         for positions, scores in shards:
             merged[torch.tensor(positions, dtype=torch.long)] = getattr(scores, column.name)
         columns[column.name] = merged

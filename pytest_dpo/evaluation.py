@@ -15,6 +15,7 @@ import torch
 from .cache import ScoreCache, cache_key, tokens_digest
 from .evalset import EvalSet, EvalSetError, TokenizedEvalSet, TokenizedRow, check_tokenizer, load_eval_set, tokenize_eval_set
 from .metrics import aggregate, build_per_example
+from .moe import enabled_aux_loss, refuse_coef_without_router
 from .models import (
     Checkpoint,
     CheckpointError,
@@ -58,6 +59,7 @@ def evaluate(
     f_divergence_type: str | FromRun = FROM_RUN,
     f_alpha_divergence_coef: float | FromRun = FROM_RUN,
     use_weighting: bool | FromRun = FROM_RUN,
+    router_aux_loss_coef: float | None | FromRun = FROM_RUN,
     batch_size: int = 8,
     device: str | None = None,
     dtype: str | None = None,
@@ -94,6 +96,10 @@ def evaluate(
         f_alpha_divergence_coef (`float`, *optional*): alpha of the `alpha_divergence`.
         use_weighting (`bool`, *optional*): WPO weighting of each pair's loss by
             the policy's length-normalized probabilities.
+        router_aux_loss_coef (`float`, *optional*): for a mixture-of-experts
+            policy, the weight of its load-balancing `aux_loss` in `loss`. None:
+            the model config's coefficient; 0.0 leaves it out. TRL's formula is
+            applied with the whole eval set as one batch.
 
             Each of these training settings defaults to `FROM_RUN`: the value the
             checkpoint's run trained with (its TRL `training_args.bin`, read
@@ -101,8 +107,9 @@ def evaluate(
             `loss_type="sigmoid"`, `max_length=1024`, `truncation_mode="keep_start"`,
             `label_smoothing=0.0`, `discopop_tau=0.05`, `ld_alpha=None`,
             `f_divergence_type="reverse_kl"`, `f_alpha_divergence_coef=0.5`,
-            `use_weighting=False`). A value given here wins. Training settings whose
-            effect cannot be reproduced are reported with `warnings.warn`.
+            `use_weighting=False`, `router_aux_loss_coef=None`). A value given
+            here wins. Training settings whose effect cannot be reproduced are
+            reported with `warnings.warn`.
         batch_size (`int`, *optional*, defaults to 8): rows per forward pass.
         device (`str`, *optional*): default cuda if available, else cpu.
         dtype (`str`, *optional*): `float32`, `bfloat16` or `float16`; default
@@ -147,6 +154,7 @@ def evaluate(
         "f_divergence_type": f_divergence_type,
         "f_alpha_divergence_coef": f_alpha_divergence_coef,
         "use_weighting": use_weighting,
+        "router_aux_loss_coef": router_aux_loss_coef,
     }
     given = {name: value for name, value in training.items() if value is not FROM_RUN}
     if isinstance(given.get("loss_weights"), Sequence):
@@ -190,6 +198,7 @@ def evaluate_with_settings(
     options = LoadOptions.of(settings)
     target = checkpoint if isinstance(checkpoint, Checkpoint) else _single_checkpoint(checkpoint, options)
     ref = resolve_reference(target, reference, allow_pickle=options.allow_pickle)
+    refuse_coef_without_router(settings.router_aux_loss_coef, target, options)
     tokenizer, tokenizer_source = load_tokenizer(target, ref, options)
     check_tokenizer(tokenizer, data, tokenizer_source)
     tokenized = tokenize_eval_set(data, tokenizer, settings.max_length, settings.truncation_mode)
@@ -233,12 +242,13 @@ def evaluate_with_settings(
     policy, reference_scores = scores["policy"], scores["reference"]
 
     rows = torch.tensor([row.row for row in tokenized.rows], dtype=torch.int64)
-    per_example = build_per_example(rows, policy, reference_scores, settings)
+    aux_loss = enabled_aux_loss(policy, settings.router_aux_loss_coef, target, options)
+    per_example = build_per_example(rows, policy, reference_scores, settings, aux_loss.term if aux_loss else 0.0)
     return EvalResult(
         checkpoint=target.name,
         checkpoint_path=str(target.path),
         reference=ref.describe(),
-        metrics=aggregate(per_example),
+        metrics=aggregate(per_example, aux_loss.value if aux_loss else None),
         per_example=per_example,
         dropped_rows=tokenized.dropped_rows,
         eval_set_sha256=data.sha256,

@@ -15,6 +15,7 @@ from .metrics_names import (
     DEFAULT_INTERVAL_METHOD,
     INTERVAL_METHODS,
     METRIC_NAMES,
+    MOE_METRICS,
     PER_EXAMPLE_METRICS,
     non_finite_cause,
     non_finite_text,
@@ -112,8 +113,9 @@ def parse_gate(text: str, where: str) -> Gate:
                 f"e.g. `rewards/accuracies >= 0.6 @95%`; got {text.strip()!r}."
             )
         if metric not in PER_EXAMPLE_METRICS:
+            kind = "one value over the eval set" if metric in MOE_METRICS else "token-weighted"
             raise GateError(
-                f"{where}: {metric} is token-weighted, so it has no per-example confidence interval. "
+                f"{where}: {metric} is {kind}, so it has no per-example confidence interval. "
                 f"Confidence gates work for: {', '.join(PER_EXAMPLE_METRICS)}."
             )
     method = match.group("method") or DEFAULT_INTERVAL_METHOD

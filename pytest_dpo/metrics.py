@@ -181,11 +181,17 @@ def combined_losses(
 
 
 def build_per_example(
-    rows: torch.Tensor, policy: SequenceScores, reference: SequenceScores, settings: DPOSettings
+    rows: torch.Tensor,
+    policy: SequenceScores,
+    reference: SequenceScores,
+    settings: DPOSettings,
+    aux_loss_term: float = 0.0,
 ) -> PerExample:
     """Combine the policy's and the reference's scores into the per-example arrays.
 
     The log-probs (and so the rewards) are TRL's: with `settings.ld_alpha`, the LD-DPO sums of both models.
+    `aux_loss_term` (a MoE policy's `router_aux_loss_coef * aux_loss`) is added to every example's loss, as
+    TRL adds it to its batch's mean loss, so that confidence intervals of `loss` center on TRL's value.
     """
     policy_chosen_logps, policy_rejected_logps = sequence_logps(policy, settings.ld_alpha)
     reference_chosen_logps, reference_rejected_logps = sequence_logps(reference, settings.ld_alpha)
@@ -200,7 +206,7 @@ def build_per_example(
         chosen_rewards=chosen_rewards,
         rejected_rewards=rejected_rewards,
         margins=chosen_rewards - rejected_rewards,
-        losses=combined_losses(policy, reference_chosen_logps, reference_rejected_logps, settings),
+        losses=combined_losses(policy, reference_chosen_logps, reference_rejected_logps, settings) + aux_loss_term,
         chosen_tokens=policy.chosen_tokens,
         rejected_tokens=policy.rejected_tokens,
         chosen_scored_tokens=policy.chosen_scored_tokens,
@@ -222,14 +228,43 @@ def _ratio(numerator: torch.Tensor, denominator: torch.Tensor) -> float:
     return numerator.double().sum().item() / total if total > 0 else 0.0
 
 
-def aggregate(per_example: PerExample) -> dict[str, float]:
+def router_aux_loss(scores: SequenceScores) -> float | None:
+    """TRL's MoE load-balancing `aux_loss` with the whole eval set as its batch; None without router sums.
+
+    transformers' `load_balancing_loss_func` takes two means over its batch, so the loss depends on which rows
+    share one: it is applied here once to the sums over every row, which is TRL's value when its eval batch is
+    the whole set.
+    """
+    if scores.router_expert_counts is None or scores.router_prob_sums is None or scores.router_tokens is None:
+        return None
+    return load_balancing_loss(scores.router_expert_counts, scores.router_prob_sums, scores.router_tokens)
+
+
+def load_balancing_loss(expert_counts: torch.Tensor, prob_sums: torch.Tensor, tokens: torch.Tensor) -> float:
+    """transformers' `load_balancing_loss_func` from router sums: `num_experts * sum_e f_e * P_e`.
+
+    `f_e` is expert `e`'s top-k hits and `P_e` its router probabilities, each summed over all rows of
+    `expert_counts` and `prob_sums` (rows x experts) and divided by the number of (real token, MoE layer)
+    pairs they were summed over, the sum of `tokens`.
+    """
+    pairs = tokens.double().sum()
+    hit_shares = expert_counts.double().sum(dim=0) / pairs
+    mean_probs = prob_sums.double().sum(dim=0) / pairs
+    return (expert_counts.shape[-1] * (hit_shares * mean_probs).sum()).item()
+
+
+def aggregate(per_example: PerExample, aux_loss: float | None = None) -> dict[str, float]:
     """TRL's eval metrics (names without the `eval_` prefix), computed over all examples at once.
 
     Example means for rewards, margins, accuracies, log-probs and the loss;
     token-weighted means for the logits, the entropy (chosen and rejected
     tokens) and the token accuracy (chosen tokens), as TRL weighs them.
+    `aux_loss` (`router_aux_loss`), given for a MoE policy whose load-balancing
+    loss is enabled, is reported as TRL logs it; its weighted term is already
+    part of each example's loss (`build_per_example`).
     """
     p = per_example
+    router = {} if aux_loss is None else {"aux_loss": aux_loss}
     return {
         "loss": _mean(p.losses),
         "rewards/chosen": _mean(p.chosen_rewards),
@@ -244,4 +279,5 @@ def aggregate(per_example: PerExample) -> dict[str, float]:
             p.chosen_entropy_sum + p.rejected_entropy_sum, p.chosen_scored_tokens + p.rejected_scored_tokens
         ),
         "mean_token_accuracy": _ratio(p.chosen_top1, p.chosen_scored_tokens),
+        **router,
     }

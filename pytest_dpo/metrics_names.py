@@ -14,11 +14,14 @@ METRIC_NAMES = (
     "logits/rejected",
     "entropy",
     "mean_token_accuracy",
+    "aux_loss",
 )
 
 # The first seven are means over examples, so they have confidence intervals (see stats.py); the
-# others are token-weighted.
+# others are token-weighted, or (`aux_loss`) one value over the whole eval set.
 PER_EXAMPLE_METRICS = METRIC_NAMES[:7]
+# Reported, as TRL logs them, only for a mixture-of-experts policy whose load-balancing loss is enabled.
+MOE_METRICS = ("aux_loss",)
 
 # How the confidence interval of a mean is computed; `rewards/accuracies` always gets Wilson's.
 INTERVAL_METHODS = ("t", "bootstrap")

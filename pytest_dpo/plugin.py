@@ -183,6 +183,11 @@ class GateItem(pytest.Item):
 
     def runtest(self) -> None:
         result = _evaluated(_dpo_session(self.config), self.checkpoint_id)
+        if self.gate.metric not in result.metrics:
+            raise GateFailed(
+                f"{self.checkpoint_id}: has no {self.gate.metric}, which TRL reports only for a mixture-of-experts "
+                "policy whose load-balancing loss is enabled (router logits and router_aux_loss_coef != 0)."
+            )
         value, interval = result.metrics[self.gate.metric], None
         if self.gate.confidence is not None:
             from .stats import metric_interval

@@ -50,11 +50,16 @@ def metrics_table(results: Sequence[EvalResult], width: int = TABLE_WIDTH) -> st
         block = results[start : start + per_block]
         header = "metric".ljust(_NAME_WIDTH) + "".join(_cell(r.checkpoint) for r in block)
         lines = [header, "-" * len(header)]
-        for name in METRIC_NAMES:
-            lines.append(name.ljust(_NAME_WIDTH) + "".join(_cell(format_value(r.metrics[name])) for r in block))
+        for name in (name for name in METRIC_NAMES if any(name in r.metrics for r in block)):
+            lines.append(name.ljust(_NAME_WIDTH) + "".join(_cell(_metric_text(r.metrics, name)) for r in block))
         lines.append("examples".ljust(_NAME_WIDTH) + "".join(_cell(_examples(r)) for r in block))
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks)
+
+
+def _metric_text(metrics: Mapping[str, float], name: str) -> str:
+    """The formatted value, or `-` for a metric only some checkpoints have (a MoE policy's `aux_loss`)."""
+    return format_value(metrics[name]) if name in metrics else "-"
 
 
 def _cell(text: str) -> str:

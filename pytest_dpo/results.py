@@ -24,6 +24,14 @@ class SequenceScores:
     row's two scored-token counts (LD-DPO's shared part). Both are filled by
     `scoring.score`; they are None only in hand-built scores, which then
     cannot be evaluated with `use_weighting` or `ld_alpha`.
+
+    The `router_*` sums are a mixture-of-experts model's routing over every
+    real token (prompt included) of the row's chosen and rejected sequences,
+    in every MoE layer: `router_expert_counts` (rows x experts) how often each
+    expert is among a token's top-k, `router_prob_sums` (rows x experts) its
+    router probabilities, and `router_tokens` how many (token, layer) pairs
+    were summed. TRL's load-balancing `aux_loss` is computed from their totals
+    (`metrics.router_aux_loss`). None for models without router logits.
     """
 
     chosen_logps: torch.Tensor
@@ -41,9 +49,16 @@ class SequenceScores:
     rejected_log_sum_sq_probs: torch.Tensor | None = None
     chosen_shared_logps: torch.Tensor | None = None
     rejected_shared_logps: torch.Tensor | None = None
+    router_expert_counts: torch.Tensor | None = None
+    router_prob_sums: torch.Tensor | None = None
+    router_tokens: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.chosen_logps)
+
+
+# The `SequenceScores` fields only a model with router logits has: all of them, or none.
+ROUTER_FIELDS = ("router_expert_counts", "router_prob_sums", "router_tokens")
 
 
 @dataclass(frozen=True)
@@ -52,9 +67,13 @@ class PerExample:
 
     `rows` holds each entry's row index in the eval set (rows TRL drops are
     absent, see `EvalResult.dropped_rows`). These arrays are the source of
-    truth: every aggregate in `EvalResult.metrics` is computed from them.
+    truth: every aggregate in `EvalResult.metrics` but a mixture-of-experts
+    policy's `aux_loss` is computed from them.
     The log-probs, and the rewards made of them, are those TRL logs: with
-    `ld_alpha`, LD-DPO's sums.
+    `ld_alpha`, LD-DPO's sums. For a mixture-of-experts policy whose
+    load-balancing loss is enabled, each of `losses` includes the same
+    `router_aux_loss_coef * aux_loss` (an eval-set-wide term), as TRL adds it
+    to its batch's loss, so their mean is TRL's `loss`.
     """
 
     rows: torch.Tensor
@@ -115,8 +134,9 @@ class EvalResult:
         metrics (`dict[str, float]`): TRL's eval metrics without the `eval_` prefix
             (`loss`, `rewards/chosen`, `rewards/rejected`, `rewards/margins`,
             `rewards/accuracies`, `logps/chosen`, `logps/rejected`, `logits/chosen`,
-            `logits/rejected`, `entropy`, `mean_token_accuracy`), computed once
-            over the whole eval set.
+            `logits/rejected`, `entropy`, `mean_token_accuracy`, and `aux_loss`
+            for a mixture-of-experts policy whose load-balancing loss is
+            enabled), computed once over the whole eval set.
         per_example (`PerExample`): the arrays the metrics come from.
         dropped_rows (`list[int]`): eval-set rows TRL drops because the prompt
             alone fills `max_length`; never scored.

@@ -11,6 +11,16 @@ rows that truncation leaves whole and for models whose cache is a plain
 `DynamicCache` (no sliding-window or linear-attention layers); other batches
 and models take the two-sequence path. Both give the same numbers up to float
 rounding.
+
+A mixture-of-experts model (one whose config has `output_router_logits`) also
+returns its router logits, and each row keeps its routing sums over the real
+tokens of both sequences (`moe.routing_sums`); with prompt sharing, a prompt's
+tokens count once for each of its row's two sequences, as in TRL's batch.
+
+A prompt-learning PEFT adapter (prompt tuning, p-tuning, prefix tuning) adds
+its virtual tokens only in the PEFT model's own forward, so such a model runs
+through that forward, always on the two-sequence path, and is scored on the
+real tokens' positions, as TRL does.
 """
 
 from __future__ import annotations
@@ -19,10 +29,12 @@ import functools
 import inspect
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from .evalset import TokenizedEvalSet, TokenizedRow
+from .moe import RouterSetup, router_request, router_setup, router_totals, routing_sums
 from .results import SequenceScores
 
 # Elements of fp32 logits alive at once in the chunked LM head (256 MiB): with a 150k vocab, chunks of ~220
@@ -103,7 +115,8 @@ def score(
 
     Args:
         model: a transformers causal LM, or a PEFT model wrapping one (scored
-            with whichever adapter is active).
+            with whichever adapter is active; a prompt-learning adapter through
+            the PEFT model's own forward, without prompt sharing).
         tokenized: the eval set as `tokenize_eval_set` returns it.
         batch_size: rows per forward pass.
         max_length, truncation_mode: TRL's truncation of prompt + completion.
@@ -116,17 +129,27 @@ def score(
     head = causal_lm.get_output_embeddings()
     transform = LogitTransform.from_config(causal_lm.config)
     device = head.weight.device
+    prompt_learning = _is_prompt_learning(model)
+    setup = router_setup(causal_lm.config)
+    if prompt_learning and setup is not None:
+        raise NotImplementedError(
+            "a prompt-learning adapter on a mixture-of-experts model: TRL's load-balancing loss also routes the "
+            "virtual tokens, which pytest-dpo does not count yet."
+        )
+    # Prefix tuning's virtual keys and values are the KV cache itself: no cache of ours can continue from them.
+    share_prompt = share_prompt and not prompt_learning
     pairs = [sequence_pair(row, max_length, truncation_mode) for row in tokenized.rows]
     n = len(pairs)
     out = {name: torch.zeros(n, dtype=torch.float32) for name in _SUMS}
     counts = {name: torch.zeros(n, dtype=torch.int64) for name in _COUNTS}
+    routes = router_totals(n, setup)
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
             for batch_rows in _batches_by_length(pairs, batch_size):
                 batch = [tokenized.rows[i] for i in batch_rows]
-                shared = _shared_prompt_sums(backbone, batch, head, transform, device, max_length) if share_prompt else None
+                shared = _shared_prompt_sums(backbone, batch, head, transform, device, max_length, setup) if share_prompt else None
                 if shared is _NOT_SHAREABLE_MODEL:
                     share_prompt, shared = False, None
                 if shared is not None:
@@ -135,11 +158,18 @@ def score(
                     scored = completion
                 else:
                     ids, attention, completion = _collate([pairs[i] for i in batch_rows], device)
-                    hidden = backbone(input_ids=ids, attention_mask=attention, use_cache=False).last_hidden_state
+                    routing = {}
+                    if prompt_learning:
+                        hidden = _real_token_hidden_states(model, backbone, ids, attention)
+                    else:
+                        outputs = backbone(input_ids=ids, attention_mask=attention, use_cache=False, **router_request(setup))
+                        hidden = outputs.last_hidden_state
+                        routing = _routing(outputs, attention, setup)
                     layout = _halves(len(batch_rows))
                     scored = completion[:, 1:]
                     shared_lengths = _shared_lengths(scored.sum(dim=1), layout)
                     sums = _completion_sums(hidden[:, :-1], ids[:, 1:], scored.bool(), shared_lengths, head, transform)
+                    sums |= routing
                 index = torch.tensor(batch_rows)
                 for side, part in zip(("chosen", "rejected"), layout):
                     for name in _SUM_NAMES:
@@ -147,11 +177,13 @@ def score(
                     counts[f"{side}_tokens"][index] = completion[part].sum(dim=1).cpu()
                     counts[f"{side}_scored_tokens"][index] = scored[part].sum(dim=1).cpu()
                 counts["chosen_top1"][index] = sums["top1"][layout[0]].cpu()
+                for name, totals in routes.items():
+                    totals[index] = (sums[name][layout[0]] + sums[name][layout[1]]).cpu()
                 if on_batch is not None:
                     on_batch(len(batch_rows))
     finally:
         model.train(was_training)
-    return SequenceScores(**out, **counts)
+    return SequenceScores(**out, **counts, **routes)
 
 
 # The float per-sequence sums of `_completion_sums`, by their `SequenceScores` names without the side.
@@ -161,6 +193,11 @@ _COUNTS = ("chosen_tokens", "rejected_tokens", "chosen_scored_tokens", "rejected
 # Where a batch's chosen and rejected sequences sit: interleaved on the shared-prompt path (row 0 chosen, row 0
 # rejected, row 1 chosen, ...), in two halves on the two-sequence path.
 _INTERLEAVED = (slice(0, None, 2), slice(1, None, 2))
+
+
+def _routing(outputs: Any, attention: torch.Tensor, setup: RouterSetup | None) -> dict[str, torch.Tensor]:
+    """Per sequence, the router sums of a backbone forward over `attention`'s tokens; none without router logits."""
+    return {} if setup is None else routing_sums(outputs.router_logits, attention, setup)
 
 
 def _halves(rows: int) -> tuple[slice, slice]:
@@ -183,6 +220,39 @@ def _batches_by_length(pairs: list[tuple[list[int], ...]], batch_size: int) -> I
         yield order[start : start + batch_size]
 
 
+def _is_prompt_learning(model: torch.nn.Module) -> bool:
+    """Whether `model` is a PEFT model whose active adapter is prompt tuning, p-tuning or prefix tuning."""
+    return bool(getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False))
+
+
+def _real_token_hidden_states(
+    model: torch.nn.Module, backbone: torch.nn.Module, ids: torch.Tensor, attention: torch.Tensor
+) -> torch.Tensor:
+    """The backbone's last hidden states at the positions of `ids`, from the PEFT model's own forward.
+
+    Prompt tuning and p-tuning prepend their virtual tokens to the inputs (prefix tuning to each layer's keys and
+    values), so like TRL this keeps the last `ids.shape[1]` positions. With the adapter disabled the forward is the
+    base model's and there is nothing to drop. The backbone's output is caught with a hook: the tensor TRL's fused LM
+    head reads, post final norm, without the hidden states of every layer.
+    """
+    caught = []
+    hook = backbone.register_forward_hook(lambda module, args, output: caught.append(output.last_hidden_state))
+    own_logits = _one_position_of_logits(type(model.get_base_model()))
+    try:
+        model(input_ids=ids, attention_mask=attention, use_cache=False, **own_logits)
+    finally:
+        hook.remove()
+    (hidden,) = caught
+    return hidden[:, -ids.shape[1] :]
+
+
+@functools.cache
+def _one_position_of_logits(causal_lm_class: type) -> dict[str, int]:
+    """Forward arguments that keep the model's own LM head to one position (ours scores the completions), where the
+    model has transformers' `logits_to_keep`; else it computes every position's logits, which are dropped."""
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(causal_lm_class.forward).parameters else {}
+
+
 _NOT_SHAREABLE_MODEL = object()
 
 
@@ -193,9 +263,11 @@ def _shared_prompt_sums(
     transform: LogitTransform,
     device: torch.device,
     max_length: int | None,
+    setup: RouterSetup | None,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor] | object | None:
     """Completion sums of a batch with each prompt run once: sequences interleaved (row 0 chosen, row 0
-    rejected, row 1 chosen, ...), with their completion mask.
+    rejected, row 1 chosen, ...), with their completion mask. For a model with router logits (`setup`), the
+    sums include each sequence's router sums, its prompt's tokens included.
 
     None when a row is truncated or has no prompt (the batch takes the
     two-sequence path); `_NOT_SHAREABLE_MODEL` when the model's KV cache is not
@@ -206,7 +278,7 @@ def _shared_prompt_sums(
     from transformers.cache_utils import DynamicCache, DynamicLayer
 
     prompt_ids, prompt_attention = _right_padded([row.prompt_ids for row in rows], device)
-    prompt = backbone(input_ids=prompt_ids, attention_mask=prompt_attention, use_cache=True)
+    prompt = backbone(input_ids=prompt_ids, attention_mask=prompt_attention, use_cache=True, **router_request(setup))
     cache = getattr(prompt, "cache", None) or getattr(prompt, "past_key_values", None)
     if not isinstance(cache, DynamicCache) or any(type(layer) is not DynamicLayer for layer in cache.layers):
         return _NOT_SHAREABLE_MODEL
@@ -220,13 +292,15 @@ def _shared_prompt_sums(
     completion_ids, completion_attention = _right_padded(completions, device)
     cache.batch_repeat_interleave(2)
     positions = prompt_lengths.repeat_interleave(2).unsqueeze(1) + torch.arange(completion_ids.shape[1], device=device)
-    hidden = backbone(
+    continued = backbone(
         input_ids=completion_ids,
         attention_mask=torch.cat([prompt_attention.repeat_interleave(2, dim=0), completion_attention], dim=1),
         position_ids=positions,
         use_cache=True,
         **{_cache_argument(type(backbone)): cache},
-    ).last_hidden_state
+        **router_request(setup),
+    )
+    hidden = continued.last_hidden_state
     # The first completion token is predicted from the prompt's last position, the others from the completion's.
     predicting = torch.cat(
         [last_prompt_hidden.repeat_interleave(2, dim=0).unsqueeze(1).to(hidden.device), hidden[:, :-1]], dim=1
@@ -234,6 +308,11 @@ def _shared_prompt_sums(
     # Every completion token follows a prompt token, so each is scored.
     shared_lengths = _shared_lengths(completion_attention.sum(dim=1), _INTERLEAVED)
     sums = _completion_sums(predicting, completion_ids, completion_attention.bool(), shared_lengths, head, transform)
+    prompt_routing = _routing(prompt, prompt_attention, setup)
+    completion_routing = _routing(continued, completion_attention, setup)
+    # TRL's batch holds each prompt twice, before the chosen and before the rejected completion.
+    for name, prompt_sums in prompt_routing.items():
+        sums[name] = prompt_sums.repeat_interleave(2, dim=0) + completion_routing[name]
     return sums, completion_attention
 
 

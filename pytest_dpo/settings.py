@@ -92,6 +92,7 @@ _FROM_TEXT = {
     "f_divergence_type": str,
     "f_alpha_divergence_coef": float,
     "use_weighting": _flag,
+    "router_aux_loss_coef": _optional_float,
     "max_length": _optional_int,
     "truncation_mode": str,
     "batch_size": int,
@@ -172,6 +173,13 @@ class DPOSettings:
         metadata={
             "help": "WPO-style weighting of the preference pairs by the policy's length-normalized sequence "
             "probabilities."
+        },
+    )
+    router_aux_loss_coef: float | None = field(
+        default=None,
+        metadata={
+            "help": "Weight of a mixture-of-experts policy's load-balancing loss (aux_loss), added to loss; None: "
+            "the coefficient the model config declares; 0.0 leaves it out. Only for models that return router logits."
         },
     )
     max_length: int | None = field(
@@ -283,6 +291,12 @@ class DPOSettings:
             rule = "finite" if self.discopop_tau == math.inf else "> 0"
             raise SettingsError("discopop_tau", f"discopop_tau must be {rule}, got {self.discopop_tau}. TRL's default is 0.05.")
         self._validate_loss_variants()
+        if self.router_aux_loss_coef is not None and not math.isfinite(self.router_aux_loss_coef):
+            raise SettingsError(
+                "router_aux_loss_coef",
+                f"router_aux_loss_coef must be a finite number (or None for the model config's), got "
+                f"{self.router_aux_loss_coef}.",
+            )
         if self.max_length is not None and self.max_length < 2:
             raise SettingsError("max_length", f"max_length must be at least 2 tokens (or None), got {self.max_length}.")
         if self.truncation_mode not in TRUNCATION_MODES:

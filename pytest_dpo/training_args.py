@@ -40,6 +40,7 @@ TRAINING_SETTING_FIELDS: tuple[str, ...] = (
     "f_divergence_type",
     "f_alpha_divergence_coef",
     "use_weighting",
+    "router_aux_loss_coef",
 )
 NO_EFFECT_ON_EVAL: tuple[str, ...] = (
     "trust_remote_code",
@@ -286,11 +287,6 @@ def unreproducible_settings(args: TrainingArgs) -> list[str]:
             f"sync_ref_model=True (the reference drifted during training: ref_model_mixup_alpha="
             f"{values.get('ref_model_mixup_alpha')} of the policy mixed in every ref_model_sync_steps="
             f"{values.get('ref_model_sync_steps')} steps; pytest-dpo scores against the fixed reference)"
-        )
-    if values.get("router_aux_loss_coef"):
-        sentences.append(
-            f"router_aux_loss_coef={values['router_aux_loss_coef']} (TRL added the MoE load-balancing loss to the "
-            "eval loss; pytest-dpo scores the DPO loss only)"
         )
     model_init_kwargs = values.get("model_init_kwargs")
     if isinstance(model_init_kwargs, dict):

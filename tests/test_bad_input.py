@@ -584,6 +584,7 @@ BAD_OPTION_VALUES = {
     "f_divergence_type": ("kl", "Choose from: reverse_kl, forward_kl"),
     "f_alpha_divergence_coef": ("inf", "must be a finite number"),
     "use_weighting": ("maybe", "give true or false"),
+    "router_aux_loss_coef": ("lots", "give a number, or none"),
     "max_length": ("lots", "give a whole number, or none"),
     "truncation_mode": ("keep_middle", "Choose from: keep_start, keep_end"),
     "batch_size": ("0", "batch_size must be at least 1"),

@@ -12,8 +12,8 @@ pytest-dpo reads it with `load_eval_set` and tokenizes it with `tokenize_eval_se
 Per template and row, either both give the same ids (and drop the same rows), or
 TRL fails on the row and pytest-dpo raises `EvalSetError` naming it (`file:line`).
 Where TRL fails on a file of several rows, each row is tried again alone, from a
-file of its own, to tell which rows it refuses. A template that renders no row
-on either side is skipped, with TRL's reason. `test_summary` prints the counts.
+file of its own, to tell which rows it refuses (a template that renders no row
+at all must then be refused on every row). `test_summary` prints the counts.
 """
 
 from __future__ import annotations
@@ -123,13 +123,13 @@ class RowOutcome:
 class TemplateOutcome:
     name: str
     rows: dict[str, RowOutcome] = field(default_factory=dict)
-    skip_reason: str | None = None
+    unrendered_reason: str | None = None
 
     @property
     def verdict(self) -> str:
-        """`skipped`, a finding (`mismatch`, `unclear`), `refused` (some row by both) or `matched`."""
-        if self.skip_reason is not None:
-            return "skipped"
+        """`renders nothing`, a finding (`mismatch`, `unclear`), `refused` (some row by both) or `matched`."""
+        if self.unrendered_reason is not None:
+            return "renders nothing"
         verdicts = {row.verdict for row in self.rows.values()}
         return next((verdict for verdict in ("mismatch", "unclear", "refused") if verdict in verdicts), "matched")
 
@@ -265,7 +265,7 @@ class Checker:
         if rendered_nowhere:
             first_row = next(iter(ROWS))
             reason = outcome.rows[first_row].detail.removeprefix("TRL raises ").split("; we ")[0]
-            outcome.skip_reason = reason if len(reason) <= 100 else reason[:97] + "..."
+            outcome.unrendered_reason = reason if len(reason) <= 100 else reason[:97] + "..."
         return outcome
 
 
@@ -286,21 +286,20 @@ def checker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Checker]:
 @pytest.mark.parametrize("name", sorted(TEMPLATES))
 def test_template_tokenizes_as_trl(checker: Checker, name: str) -> None:
     outcome = checker(name)
-    if outcome.verdict == "skipped":
-        pytest.skip(f"renders no row: {outcome.skip_reason}")
+    if outcome.verdict == "renders nothing":
+        # TRL fails on every row under this template: each must be refused by name, like any other row.
+        assert {row.verdict for row in outcome.rows.values()} == {"refused"}, outcome.describe()
+        return
     assert outcome.verdict in ("matched", "refused"), outcome.describe()
 
 
-def test_summary(checker: Checker, capsys: pytest.CaptureFixture[str], request: pytest.FixtureRequest) -> None:
+def test_summary(checker: Checker, capsys: pytest.CaptureFixture[str]) -> None:
     """Counts over every template; none may mismatch or fail unclearly."""
-    if hasattr(request.config, "workerinput"):
-        # A worker sees only its share of the templates, and its output is not shown.
-        pytest.skip("under xdist each template's own test asserts; run this file without -n for the summary")
     outcomes = [checker(name) for name in sorted(TEMPLATES)]
     counts = collections.Counter(outcome.verdict for outcome in outcomes)
-    skipped = collections.Counter(outcome.skip_reason for outcome in outcomes if outcome.skip_reason)
+    unrendered = collections.Counter(outcome.unrendered_reason for outcome in outcomes if outcome.unrendered_reason)
     rows = collections.Counter(
-        (row, result.verdict) for outcome in outcomes if not outcome.skip_reason for row, result in outcome.rows.items()
+        (row, result.verdict) for outcome in outcomes if not outcome.unrendered_reason for row, result in outcome.rows.items()
     )
     refusals = collections.Counter(
         f"{row}: {result.detail}"
@@ -315,8 +314,8 @@ def test_summary(checker: Checker, capsys: pytest.CaptureFixture[str], request: 
         f"  TRL refused a row and pytest-dpo refused it by name (the other rows matched): {counts['refused']}",
         f"  mismatched ids or dropped rows: {counts['mismatch']}",
         f"  TRL fails on a row, pytest-dpo gives ids or an unclear exception: {counts['unclear']}",
-        f"  skipped, no row renders on either side: {counts['skipped']}",
-        *(f"    {count} x {reason}" for reason, count in skipped.most_common()),
+        f"  TRL fails on every row, pytest-dpo refuses each by name: {counts['renders nothing']}",
+        *(f"    {count} x {reason}" for reason, count in unrendered.most_common()),
         "  rows of the checked templates, by outcome:",
         *(f"    {row}: {verdict} x {count}" for (row, verdict), count in sorted(rows.items())),
         "  rows refused by both, by TRL's error:",

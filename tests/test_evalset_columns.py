@@ -150,7 +150,7 @@ def test_chat_template_kwargs_missing_from_some_rows_is_refused(tmp_path: Path, 
     else:
         rows[1]["chat_template_kwargs"] = None
     path = write_jsonl(tmp_path / "kwargs.jsonl", rows)
-    load_error(path, rf"kwargs\.jsonl:2: ", "'chat_template_kwargs' is missing or null", "TRL 1.16", r'"chat_template_kwargs": \{\}')
+    load_error(path, r"kwargs\.jsonl:2: ", "'chat_template_kwargs' is missing or null", "TRL 1.16", r'"chat_template_kwargs": \{\}')
 
 
 def test_chat_template_kwargs_missing_from_a_parquet_row_is_refused(tmp_path: Path) -> None:

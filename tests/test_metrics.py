@@ -20,8 +20,8 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from pytest_dpo import metrics
-from pytest_dpo.metrics_names import METRIC_NAMES
-from pytest_dpo.results import PerExample, SequenceScores
+from pytest_dpo.metrics_names import METRIC_NAMES, MOE_METRICS
+from pytest_dpo.results import ROUTER_FIELDS, PerExample, SequenceScores
 from pytest_dpo.settings import F_DIVERGENCE_LOSS_TYPES, PER_EXAMPLE_LOSS_TYPES, DPOSettings, SettingsError
 from pytest_dpo.training_args import TRAINING_SETTING_FIELDS
 
@@ -166,6 +166,8 @@ def score_rows(draw: st.DrawFn, n: int) -> list[dict[str, float]]:
 
 INT_FIELDS = ("chosen_tokens", "rejected_tokens", "chosen_scored_tokens", "rejected_scored_tokens", "chosen_top1")
 OPTIONAL_SUMS = ("chosen_log_sum_sq_probs", "rejected_log_sum_sq_probs", "chosen_shared_logps", "rejected_shared_logps")
+# The metrics of a model without router logits: all but a MoE policy's `aux_loss`.
+DENSE_METRICS = tuple(name for name in METRIC_NAMES if name not in MOE_METRICS)
 
 
 def to_scores(rows: list[dict[str, float]]) -> SequenceScores:
@@ -175,7 +177,7 @@ def to_scores(rows: list[dict[str, float]]) -> SequenceScores:
     """
     columns = {}
     for name in SequenceScores.__dataclass_fields__:
-        if rows and name in OPTIONAL_SUMS and name not in rows[0]:
+        if name in ROUTER_FIELDS or (rows and name in OPTIONAL_SUMS and name not in rows[0]):
             continue
         dtype = torch.int64 if name in INT_FIELDS else torch.float32
         columns[name] = torch.tensor([row[name] for row in rows], dtype=dtype)
@@ -590,7 +592,7 @@ def assert_metrics_equal_trl(config: DPOSettings, precompute_ref: bool) -> None:
     trl_loss, trl_metrics = _trl_eval(batch, config, precompute_ref)
     policy, reference = _scores_from_batch(batch)
     ours = metrics.aggregate(metrics.build_per_example(torch.arange(len(policy)), policy, reference, config))
-    assert set(trl_metrics) == set(METRIC_NAMES) - {"loss"}
+    assert set(trl_metrics) == set(DENSE_METRICS) - {"loss"}
     assert math.isclose(ours["loss"], trl_loss, rel_tol=1e-5, abs_tol=1e-6), (ours["loss"], trl_loss)
     for name, value in trl_metrics.items():
         assert math.isclose(ours[name], value, rel_tol=1e-5, abs_tol=1e-6), f"{name}: ours {ours[name]}, TRL {value}"
@@ -682,7 +684,7 @@ def test_aggregate_means_and_token_weighted_ratios(
     policy_rows, reference_rows = pair
     per_example = build(policy_rows, reference_rows, config)
     aggregated = metrics.aggregate(per_example)
-    assert set(aggregated) == set(METRIC_NAMES)
+    assert set(aggregated) == set(DENSE_METRICS)
     n = len(policy_rows)
 
     def mean(values: list[float]) -> float:
@@ -747,7 +749,7 @@ def test_metrics_invariant_to_row_order(
     for name in ("chosen_rewards", "rejected_rewards", "margins", "losses"):
         torch.testing.assert_close(getattr(shuffled, name), getattr(base, name)[index], rtol=1e-6, atol=1e-6, equal_nan=True)
     base_metrics, shuffled_metrics = metrics.aggregate(base), metrics.aggregate(shuffled)
-    for name in METRIC_NAMES:
+    for name in DENSE_METRICS:
         assert_close(shuffled_metrics[name], base_metrics[name], 1e-6, 1e-6, name)
 
 
@@ -782,7 +784,7 @@ def test_metrics_do_not_depend_on_batch_partition(
     part_metrics = [
         metrics.aggregate(build(permuted(policy_rows, part), permuted(reference_rows, part), config)) for part in parts
     ]
-    for name in METRIC_NAMES:
+    for name in DENSE_METRICS:
         total = sum(weights[name])
         if total == 0:  # e.g. no scored token anywhere: TRL's 0.0
             assert whole[name] == 0.0, name

@@ -9,6 +9,7 @@ import pytest
 
 from pytest_dpo.models import (
     CheckpointError,
+    checkpoint_ids,
     choose_device,
     choose_dtype,
     discover_checkpoints,
@@ -17,7 +18,7 @@ from pytest_dpo.models import (
 )
 from pytest_dpo.spelling import spelled_for
 
-from .fixture_paths import BASE, FULL_RUN, LORA_RUN
+from .fixture_paths import BASE, FULL_RUN, LORA_RUN, PROMPT_TUNING_RUN
 
 
 def test_output_dir_expands_to_checkpoints_in_step_order() -> None:
@@ -41,6 +42,15 @@ def test_lora_run_expands_to_adapters_with_their_base() -> None:
     found = discover_checkpoints(LORA_RUN)
     assert [c.name for c in found] == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
     assert all(c.kind == "adapter" and c.base_model == "fixtures/base" for c in found)
+
+
+def test_prompt_tuning_run_expands_to_adapters_each_with_its_own_fingerprint_and_id() -> None:
+    found = discover_checkpoints(PROMPT_TUNING_RUN)
+    assert [c.name for c in found] == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
+    assert all(c.kind == "adapter" and c.base_model == "fixtures/base" for c in found)
+    assert len({fingerprint(c.path) for c in found}) == 3
+    ids = checkpoint_ids(discover_checkpoints(LORA_RUN) + found)
+    assert ids[3:] == [f"dpo-prompt-tuning/checkpoint-{step}" for step in (2, 4, 6)]
 
 
 def test_glob_expands_and_reaches_each_checkpoint_once() -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import huggingface_hub  # noqa: F401
 import peft  # noqa: F401

@@ -28,6 +28,7 @@ from .fixture_paths import (
     EVAL_STANDARD,
     FULL_RUN,
     LORA_RUN,
+    PROMPT_TUNING_RUN,
 )
 from .trl_reference import TrlReference, trl_evaluate
 
@@ -44,15 +45,17 @@ def assert_same_numbers(ours: EvalResult, trl: TrlReference) -> None:
     for name in ("policy_chosen_logps", "policy_rejected_logps", "reference_chosen_logps", "reference_rejected_logps"):
         difference = (getattr(ours.per_example, name) - getattr(trl, name)).abs().max().item()
         assert difference <= LOGP_TOLERANCE, f"{name}: max |ours - TRL| = {difference:.3g}"
-    for name in METRIC_NAMES:
+    reported = [name for name in METRIC_NAMES if name in trl.metrics]
+    assert [name for name in METRIC_NAMES if name in ours.metrics] == reported
+    for name in reported:
         assert math.isclose(
             ours.metrics[name], trl.metrics[name], rel_tol=METRIC_RELATIVE_TOLERANCE, abs_tol=METRIC_ABSOLUTE_FLOOR
         ), f"{name}: ours {ours.metrics[name]!r} vs TRL {trl.metrics[name]!r}"
 
 
-def trl_numbers(tmp_path: Path, eval_file: Path, checkpoint: Path, *, lora: bool = False, **settings: Any) -> TrlReference:
+def trl_numbers(tmp_path: Path, eval_file: Path, checkpoint: Path, *, adapter: bool = False, **settings: Any) -> TrlReference:
     rows = load_eval_set(eval_file).rows
-    if lora:
+    if adapter:
         return trl_evaluate(checkpoint, BASE, rows, tmp_path, adapter_base=BASE, tokenizer_path=BASE, **settings)
     return trl_evaluate(checkpoint, BASE, rows, tmp_path, **settings)
 
@@ -83,11 +86,30 @@ def test_full_checkpoint_matches_trl(tmp_path: Path, eval_file: Path, checkpoint
 )
 def test_lora_checkpoint_matches_trl_with_base_reference(tmp_path: Path, eval_file: Path, max_length: int) -> None:
     checkpoint = LORA_RUN / "checkpoint-6"
-    trl = trl_numbers(tmp_path, eval_file, checkpoint, lora=True, max_length=max_length)
+    trl = trl_numbers(tmp_path, eval_file, checkpoint, adapter=True, max_length=max_length)
     # No reference given: evaluate() uses the adapter's base with the adapter disabled.
     ours = evaluate(checkpoint, eval_file, max_length=max_length, device="cpu")
     assert_same_numbers(ours, trl)
     assert ours.metrics["rewards/margins"] != 0.0
+
+
+@pytest.mark.parametrize(
+    ("eval_file", "checkpoint", "max_length"),
+    [
+        pytest.param(EVAL_STANDARD, PROMPT_TUNING_RUN / "checkpoint-6", 48, id="standard-truncated"),
+        pytest.param(EVAL_CONVERSATIONAL, PROMPT_TUNING_RUN / "checkpoint-2", 1024, id="conversational"),
+    ],
+)
+def test_prompt_tuning_checkpoint_matches_trl_with_base_reference(
+    tmp_path: Path, eval_file: Path, checkpoint: Path, max_length: int
+) -> None:
+    """The virtual tokens enter through the PEFT model's own forward, as in TRL; only the real tokens are scored."""
+    trl = trl_numbers(tmp_path, eval_file, checkpoint, adapter=True, max_length=max_length)
+    # No reference given: evaluate() uses the adapter's base with the adapter disabled.
+    ours = evaluate(checkpoint, eval_file, max_length=max_length, device="cpu")
+    assert_same_numbers(ours, trl)
+    # Scored without its virtual tokens, the policy is its base and every reward is exactly 0.
+    assert (ours.per_example.chosen_rewards != 0).all() and (ours.per_example.rejected_rewards != 0).all()
 
 
 def test_lora_checkpoint_that_continued_an_adapter_matches_trl_with_that_adapter_as_reference(tmp_path: Path) -> None:
@@ -167,7 +189,7 @@ def test_ld_alpha_on_keep_end_truncation_and_a_lora_reference_matches_trl(tmp_pa
     """Completions that start their sequence have one scored token fewer, which sets the shared length."""
     checkpoint = LORA_RUN / "checkpoint-6"
     settings = {"ld_alpha": 0.5, "max_length": 32, "truncation_mode": "keep_end"}
-    trl = trl_numbers(tmp_path, EVAL_STANDARD, checkpoint, lora=True, **settings)
+    trl = trl_numbers(tmp_path, EVAL_STANDARD, checkpoint, adapter=True, **settings)
     ours = evaluate(checkpoint, EVAL_STANDARD, device="cpu", **settings)
     assert_same_numbers(ours, trl)
 

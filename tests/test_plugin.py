@@ -6,7 +6,6 @@ import json
 import shutil
 import sys
 import textwrap
-from pathlib import Path
 
 import huggingface_hub  # noqa: F401
 import peft  # noqa: F401
@@ -204,7 +203,7 @@ def test_a_damaged_checkpoint_fails_its_tests_with_the_message_alone(margin_suit
     )
     result.assert_outcomes(failed=1, errors=2)
     message = "checkpoint-4: evaluation failed: CheckpointError: *model.safetensors: cannot read the safetensors weights*"
-    result.stdout.fnmatch_lines([f"*ERROR at setup of test_margin*", message, "*dpo-gate[[]checkpoint-4: *", message])
+    result.stdout.fnmatch_lines(["*ERROR at setup of test_margin*", message, "*dpo-gate[[]checkpoint-4: *", message])
     # No traceback through pytest-dpo's and transformers' frames above the message.
     assert "def _pretrained" not in result.stdout.str() and "evaluation.py" not in result.stdout.str()
     assert read_verdicts(margin_suite)["checkpoint-4"]["passed"] is False

@@ -18,7 +18,7 @@ import yaml
 
 from pytest_dpo import evaluate, publish
 
-from .fixture_paths import BASE, EVAL_STANDARD, FULL_RUN, LORA_RUN
+from .fixture_paths import BASE, EVAL_STANDARD, FULL_RUN, LORA_RUN, PROMPT_TUNING_RUN
 
 pytest_plugins = ["pytester"]
 
@@ -79,12 +79,15 @@ def test_model_card_and_eval_results_parse_with_huggingface_hub(suite: pytest.Py
     assert {entry.task_id for entry in entries} >= {"rewards/accuracies", "rewards/margins", "loss"}
 
 
-def test_lora_checkpoint_is_saved_as_an_adapter(pytester: pytest.Pytester) -> None:
+@pytest.mark.parametrize("run", [LORA_RUN, PROMPT_TUNING_RUN], ids=["lora", "prompt-tuning"])
+def test_adapter_checkpoint_is_saved_as_an_adapter(pytester: pytest.Pytester, run: Path) -> None:
     pytester.makepyfile(test_any="def test_ok(dpo_metrics):\n    assert dpo_metrics['loss'] > 0\n")
-    pytester.runpytest(f"--dpo-checkpoint={LORA_RUN}/checkpoint-6", f"--dpo-eval-set={EVAL_STANDARD}", "--dpo-save-dir=out")
+    pytester.runpytest(f"--dpo-checkpoint={run}/checkpoint-6", f"--dpo-eval-set={EVAL_STANDARD}", "--dpo-save-dir=out")
     folder = pytester.path / "out" / "checkpoint-6"
     assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json"} <= set(saved(folder))
     assert "model.safetensors" not in saved(folder)
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        assert (folder / name).read_bytes() == (run / "checkpoint-6" / name).read_bytes(), name
     from huggingface_hub import ModelCard
 
     assert ModelCard.load(folder / "README.md").data.library_name == "peft"

@@ -26,7 +26,7 @@ def test_report_files_describe_every_checkpoint_and_its_verdict(
     summary = tmp_path / "step_summary.md"
     summary.write_text("earlier step\n")
     monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
-    pytester.makeini(f"[pytest]\ndpo_gates =\n    rewards/margins > 0\ndpo_report = out\n")
+    pytester.makeini("[pytest]\ndpo_gates =\n    rewards/margins > 0\ndpo_report = out\n")
     pytester.makepyfile(test_m=textwrap.dedent("def test_m(dpo_metrics):\n    assert dpo_metrics['loss'] > 0\n"))
     result = pytester.runpytest(f"--dpo-checkpoint={FULL_RUN}", f"--dpo-reference={BASE}", f"--dpo-eval-set={EVAL_STANDARD}")
     result.stdout.fnmatch_lines(["wrote *out/dpo_report.json", "wrote *out/dpo_summary.md", "wrote *out/dpo_metrics.png"])

@@ -117,6 +117,7 @@ def test_fixture_run_is_fully_reproducible() -> None:
         "f_divergence_type": "reverse_kl",
         "f_alpha_divergence_coef": 0.5,
         "use_weighting": False,
+        "router_aux_loss_coef": None,
     }
     assert unreproducible_settings(args) == []
 
@@ -146,6 +147,7 @@ def test_non_default_settings_round_trip(tmp_path: Path, legacy: bool) -> None:
         f_divergence_type="alpha_divergence",
         f_alpha_divergence_coef=0.7,
         use_weighting=True,
+        router_aux_loss_coef=0.01,
     )
     args = read_training_args(saved(config, tmp_path / "training_args.bin", legacy=legacy))
     assert training_settings(args) == {
@@ -160,6 +162,7 @@ def test_non_default_settings_round_trip(tmp_path: Path, legacy: bool) -> None:
         "f_divergence_type": "alpha_divergence",
         "f_alpha_divergence_coef": 0.7,
         "use_weighting": True,
+        "router_aux_loss_coef": 0.01,
     }
     assert unreproducible_settings(args) == []
 
@@ -211,7 +214,6 @@ UNREPRODUCIBLE = {
     "sync_ref_model": {"sync_ref_model": True},
     "ref_model_mixup_alpha": {"sync_ref_model": True, "ref_model_mixup_alpha": 0.9},
     "ref_model_sync_steps": {"sync_ref_model": True, "ref_model_sync_steps": 64},
-    "router_aux_loss_coef": {"router_aux_loss_coef": 0.01},
     "model_init_kwargs": {"model_init_kwargs": {"quantization_config": {"load_in_4bit": True}}},
 }
 
