@@ -7,15 +7,13 @@ checkpoints by chance; the intervals here say how far the number can be trusted,
 and `paired_comparison` says whether a candidate is worse than a baseline on the
 same rows by more than chance.
 
-No scipy: the normal quantile is `torch.special.ndtri`, the Student t quantile
-inverts the t distribution function computed from the regularized incomplete
-beta function (a continued fraction), and the sign test sums binomial
-coefficients exactly with `math.comb`.
+Distributions come from `scipy.stats` (normal and Student t quantiles, the
+exact binomial sign test), imported only when an interval or a test is
+computed, so a run that computes none never loads scipy.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -57,12 +55,6 @@ _METRIC_FIELDS = {
 _TOKEN_WEIGHTED_METRICS = ("logits/chosen", "logits/rejected", "entropy", "mean_token_accuracy")
 # Bootstrap resamples are drawn in chunks so that memory stays bounded (about 32 MiB of indices).
 _BOOTSTRAP_CHUNK_ELEMENTS = 1 << 22
-# From this many degrees of freedom on the t quantile comes from its asymptotic expansion, whose
-# error (of order z**11 / df**5) is below 1e-12 there.
-_T_EXPANSION_MIN_DF = 1e4
-_BETA_CF_MAX_ITERATIONS = 10_000
-_BETA_CF_EPSILON = 1e-15
-_BETA_CF_TINY = 1e-300
 
 
 @dataclass(frozen=True)
@@ -160,7 +152,7 @@ class PairedComparison:
 
 
 def normal_quantile(p: float) -> float:
-    """The standard normal distribution's quantile (inverse CDF) at `p`.
+    """The standard normal distribution's quantile (inverse CDF) at `p` (`scipy.stats.norm.ppf`).
 
     Args:
         p (`float`): a probability in (0, 1).
@@ -171,19 +163,13 @@ def normal_quantile(p: float) -> float:
     """
     if not 0.0 < p < 1.0:
         raise ValueError(f"normal_quantile needs a probability in (0, 1), got {p}.")
-    return float(torch.special.ndtri(torch.tensor(p, dtype=torch.float64)))
+    from scipy import stats
+
+    return float(stats.norm.ppf(p))
 
 
 def t_quantile(p: float, df: float) -> float:
-    """Student's t distribution's quantile (inverse CDF) at `p` with `df` degrees of freedom.
-
-    The distribution function is computed exactly through the regularized
-    incomplete beta function, `P(T > t) = I_{df/(df+t²)}(df/2, 1/2) / 2`,
-    evaluated with Lentz's continued fraction, and inverted by bisection; the
-    result is accurate to about 1e-10 for any `df > 0` (df = 1 included, where
-    closed-form approximations such as Hill's are weakest). From 10⁴ degrees of
-    freedom on, the Cornish-Fisher expansion around the normal quantile
-    (Abramowitz & Stegun 26.7.5) is used instead; its error there is below 1e-12.
+    """Student's t distribution's quantile (inverse CDF) at `p` with `df` degrees of freedom (`scipy.stats.t.ppf`).
 
     Args:
         p (`float`): a probability in (0, 1).
@@ -197,7 +183,9 @@ def t_quantile(p: float, df: float) -> float:
         raise ValueError(f"t_quantile needs a probability in (0, 1), got {p}.")
     if not df > 0:
         raise ValueError(f"t_quantile needs df > 0 degrees of freedom, got {df}.")
-    return _t_quantile(float(p), float(df))
+    from scipy import stats
+
+    return float(stats.t.ppf(p, df))
 
 
 def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> Interval:
@@ -373,12 +361,11 @@ def sign_test_p_value(positives: int, negatives: int) -> float:
     """
     if positives < 0 or negatives < 0:
         raise ValueError(f"sign_test_p_value needs counts >= 0, got {positives} and {negatives}.")
-    total = positives + negatives
-    if total == 0:
+    if positives + negatives == 0:
         return 1.0
-    tail = sum(math.comb(total, k) for k in range(min(positives, negatives) + 1))
-    # Integer true division rounds correctly however large 2**total is.
-    return min(1.0, 2 * tail / 2**total)
+    from scipy import stats
+
+    return float(stats.binomtest(positives, positives + negatives, 0.5).pvalue)
 
 
 def paired_comparison(
@@ -594,74 +581,3 @@ def _interpolate(ordered: torch.Tensor, position: float) -> float:
     above = min(below + 1, len(ordered) - 1)
     weight = position - below
     return float(ordered[below]) + weight * (float(ordered[above]) - float(ordered[below]))
-
-
-@functools.lru_cache(maxsize=256)
-def _t_quantile(p: float, df: float) -> float:
-    if p < 0.5:
-        return -_t_quantile(1.0 - p, df)
-    if p == 0.5:
-        return 0.0
-    if df >= _T_EXPANSION_MIN_DF:
-        return _t_quantile_expansion(p, df)
-    upper_tail = 1.0 - p
-    low, high = 0.0, 1.0
-    while _t_upper_tail(high, df) > upper_tail:
-        low, high = high, high * 2
-    for _ in range(200):
-        middle = (low + high) / 2
-        if middle in (low, high):
-            break
-        if _t_upper_tail(middle, df) > upper_tail:
-            low = middle
-        else:
-            high = middle
-    return (low + high) / 2
-
-
-def _t_upper_tail(t: float, df: float) -> float:
-    """P(T > t) for t >= 0."""
-    return 0.5 * _regularized_incomplete_beta(df / 2, 0.5, df / (df + t * t))
-
-
-def _t_quantile_expansion(p: float, df: float) -> float:
-    """Cornish-Fisher expansion of the t quantile in powers of 1/df (Abramowitz & Stegun 26.7.5)."""
-    z = normal_quantile(p)
-    g1 = (z**3 + z) / 4
-    g2 = (5 * z**5 + 16 * z**3 + 3 * z) / 96
-    g3 = (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / 384
-    g4 = (79 * z**9 + 776 * z**7 + 1482 * z**5 - 1920 * z**3 - 945 * z) / 92160
-    return z + g1 / df + g2 / df**2 + g3 / df**3 + g4 / df**4
-
-
-def _regularized_incomplete_beta(a: float, b: float, x: float) -> float:
-    """I_x(a, b), by the continued fraction on whichever side of the mean converges fast."""
-    if x <= 0.0:
-        return 0.0
-    if x >= 1.0:
-        return 1.0
-    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
-    if x < (a + 1) / (a + b + 2):
-        return math.exp(log_front) * _beta_continued_fraction(a, b, x) / a
-    return 1.0 - math.exp(log_front) * _beta_continued_fraction(b, a, 1.0 - x) / b
-
-
-def _beta_continued_fraction(a: float, b: float, x: float) -> float:
-    """The incomplete beta function's continued fraction by the modified Lentz method."""
-    c, d = 1.0, 1.0 - (a + b) * x / (a + 1)
-    d = 1.0 / (d if abs(d) > _BETA_CF_TINY else _BETA_CF_TINY)
-    fraction = d
-    for m in range(1, _BETA_CF_MAX_ITERATIONS + 1):
-        for numerator in (
-            m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
-            -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1)),
-        ):
-            d = 1.0 + numerator * d
-            d = 1.0 / (d if abs(d) > _BETA_CF_TINY else _BETA_CF_TINY)
-            c = 1.0 + numerator / c
-            c = c if abs(c) > _BETA_CF_TINY else _BETA_CF_TINY
-            step = c * d
-            fraction *= step
-        if abs(step - 1.0) < _BETA_CF_EPSILON:
-            return fraction
-    raise ArithmeticError(f"The incomplete beta continued fraction did not converge for a={a}, b={b}, x={x}.")
