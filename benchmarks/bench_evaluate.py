@@ -58,12 +58,14 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from pytest_dpo import evaluation, scoring  # noqa: E402
 from pytest_dpo.cache import ScoreCache  # noqa: E402
-from pytest_dpo.evalset import TokenizedEvalSet, load_eval_set, tokenize_eval_set  # noqa: E402
+from pytest_dpo.evalset import load_eval_set  # noqa: E402
 from pytest_dpo.metrics import aggregate  # noqa: E402
 from pytest_dpo.metrics_names import METRIC_NAMES  # noqa: E402
-from pytest_dpo.models import Checkpoint, discover_checkpoints, load_causal_lm  # noqa: E402
+from pytest_dpo.checkpoints import Checkpoint, discover_checkpoints  # noqa: E402
+from pytest_dpo.loading import load_causal_lm  # noqa: E402
 from pytest_dpo.results import EvalResult, PerExample  # noqa: E402
 from pytest_dpo.settings import DPOSettings  # noqa: E402
+from pytest_dpo.tokenization import TokenizedEvalSet, tokenize_eval_set  # noqa: E402
 
 FIXTURES = REPO_ROOT / "fixtures"
 TOKENIZER_DIR = FIXTURES / "tokenizer"

@@ -66,9 +66,9 @@ def _main(argv: Sequence[str] | None) -> int:
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()
+    from .checkpoints import CheckpointError, discover_checkpoints
     from .evalset import EvalSetError, load_eval_set
     from .evaluation import evaluate_with_settings
-    from .models import CheckpointError, discover_checkpoints
     from .report import metrics_table
     from .run_settings import COMMAND_LINE, resolve_settings
 

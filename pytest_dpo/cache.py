@@ -27,8 +27,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from .evalset import TokenizedEvalSet
 from .results import ROUTER_FIELDS, SequenceScores
+from .tokenization import TokenizedEvalSet
 
 # 2: entries hold the log sum p^2 and LD-DPO shared-length sums, and top-1 hits break ties as TRL does.
 # 3: entries of mixture-of-experts models hold their router sums (a format-2 entry of one would lack them).

@@ -1,21 +1,23 @@
-"""Preference eval sets: loading, validation, canonical hash, TRL-identical tokenization.
+"""Preference eval sets: what a valid one is, its canonical hash, and TRL's prompt extraction.
 
-Loads `.jsonl`, `.json`, `.parquet`, `.csv` files and `datasets` `save_to_disk`
-folders in TRL's three preference formats (standard, conversational, implicit
-prompt). Every problem, including a file that cannot be read or decoded, is
-reported as an `EvalSetError` with the file, the line or row, the field and
-what to do. Conversational rows keep their `tools` and `chat_template_kwargs`,
-which TRL passes to the chat template. Message lists stored as text (a CSV
-export, JSON strings) are read as conversations. Tokenization reproduces TRL
-1.16 `DPOTrainer._prepare_dataset` step for step; this module never imports trl.
+Owns `EvalSet`, `load_eval_set` and every check a row must pass: the row
+shape, the three TRL preference formats (standard, conversational, implicit
+prompt), messages and roles, conversational rows' `tools` and
+`chat_template_kwargs` (kept, as TRL passes them to the chat template, and
+read as `datasets` reads them), refusal of vision rows, and message lists
+stored as text (a CSV export, JSON strings), read as conversations. Every
+problem is an `EvalSetError` naming the file, the line or row, the field and
+what to do. Also `canonical_sha256` and TRL's `extract_prompt`.
+
+Must not read files (that is `evalset_files`, imported inside
+`load_eval_set`, since it imports `EvalSetError` from here) nor tokenize
+(that is `tokenization`); never imports trl, torch or transformers.
 """
 
 from __future__ import annotations
 
 import ast
-import csv
 import hashlib
-import io
 import json
 import re
 from collections.abc import Sequence
@@ -27,7 +29,6 @@ MESSAGE_ROLES = ("system", "user", "assistant", "tool", "developer")
 PREFERENCE_FIELDS = ("prompt", "chosen", "rejected")
 TEMPLATE_FIELDS = ("tools", "chat_template_kwargs")
 VISION_FIELDS = ("image", "images")
-SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 MESSAGES_AS_TEXT_NOTE = "prompt/chosen/rejected cells hold message lists as text; read as conversations"
 # Arguments TRL 1.16 gives apply_chat_template itself: the same key in chat_template_kwargs makes TRL fail.
 _RESERVED_TEMPLATE_KWARGS = ("conversation", "tokenize", "return_dict", "add_generation_prompt")
@@ -93,24 +94,6 @@ class EvalSet:
         return " ".join(str(prompt).split())
 
 
-@dataclass(frozen=True)
-class TokenizedRow:
-    """One eval-set row as TRL tokenizes it: the prompt and each completion, split at their common prefix."""
-
-    row: int
-    prompt_ids: list[int]
-    chosen_ids: list[int]
-    rejected_ids: list[int]
-
-
-@dataclass(frozen=True)
-class TokenizedEvalSet:
-    """The rows to score (in eval-set order) and the rows TRL drops."""
-
-    rows: list[TokenizedRow]
-    dropped_rows: list[int]
-
-
 def load_eval_set(source: str | Path | Sequence[dict[str, Any]]) -> EvalSet:
     """Load and validate a preference eval set.
 
@@ -136,7 +119,9 @@ def load_eval_set(source: str | Path | Sequence[dict[str, Any]]) -> EvalSet:
         >>> eval_set.format, len(eval_set)
         ('standard', 24)
     """
-    name, raw_rows, locations = _read_source(source)
+    from .evalset_files import read_source  # here: evalset_files imports EvalSetError from this module
+
+    name, raw_rows, locations = read_source(source)
     if not raw_rows:
         raise EvalSetError(f"{name}: the eval set has no rows. Add preference rows with 'chosen' and 'rejected'.")
     _refuse_vision_rows(raw_rows, locations)
@@ -172,228 +157,18 @@ def canonical_sha256(rows: Sequence[dict[str, Any]]) -> str:
     return digest.hexdigest()
 
 
-def _read_source(source: Any) -> tuple[str, list[Any], list[str]]:
-    if isinstance(source, (str, Path)):
-        path = Path(source)
-        rows, locations = _read(path)
-        return str(path), rows, locations
-    try:
-        rows = list(source)
-    except TypeError:
-        raise EvalSetError(
-            f"<memory>: expected a path or a list of row dicts, got {type(source).__name__}. "
-            "Pass the eval set's file or folder, or its rows."
-        ) from None
-    return "<memory>", rows, [f"<memory> row {index}" for index in range(len(rows))]
+def is_message(value: Any) -> bool:
+    """A dict with a `role`: one chat message."""
+    return isinstance(value, dict) and "role" in value
 
 
-def _read(path: Path) -> tuple[list[Any], list[str]]:
-    try:
-        return _read_path(path)
-    except OSError as error:
-        raise EvalSetError(
-            f"{path}: cannot be read ({error.strerror or error}: {error.filename or path}). "
-            "Check that it is a file or save_to_disk folder you have permission to read."
-        ) from None
-
-
-def _read_path(path: Path) -> tuple[list[Any], list[str]]:
-    if not path.exists():
-        raise EvalSetError(f"{path}: eval set not found. Check the path (it is resolved from {Path.cwd()}).")
-    if path.is_dir():
-        return _read_saved_dataset(path)
-    suffix = path.suffix.lower()
-    if suffix not in SUFFIXES:
-        raise EvalSetError(
-            f"{path}: unsupported eval set format '{suffix}'. Use one of {', '.join(SUFFIXES)} "
-            "or a folder written by datasets' save_to_disk."
-        )
-    if path.stat().st_size == 0:
-        raise EvalSetError(f"{path}: the file is empty. Add preference rows with 'chosen' and 'rejected'.")
-    if suffix == ".jsonl":
-        return _read_jsonl(path)
-    if suffix == ".json":
-        return _read_json(path)
-    if suffix == ".csv":
-        return _read_csv(path)
-    return _read_arrow_rows(path, _parquet_table(path))
-
-
-def _read_text(path: Path, encoding: str = "utf-8", fix: str = "Save the file as UTF-8.") -> str:
-    data = path.read_bytes()
-    try:
-        return data.decode(encoding)
-    except UnicodeDecodeError as error:
-        line = data.count(b"\n", 0, error.start) + 1
-        raise EvalSetError(
-            f"{path}:{line}: not UTF-8 text (byte 0x{data[error.start]:02x} at byte offset {error.start}). {fix}"
-        ) from None
-
-
-def _parse_json(text: str, where: str, fix: str) -> Any:
-    try:
-        return json.loads(text)
-    except (ValueError, RecursionError) as error:
-        line = f":{error.lineno}" if isinstance(error, json.JSONDecodeError) else ""
-        raise EvalSetError(f"{where}{line}: not valid JSON ({_json_error_detail(error)}). {fix}") from None
-
-
-def _json_error_detail(error: Exception) -> str:
+def json_error_detail(error: Exception) -> str:
+    """What is wrong with text `json.loads` refused, for an error message."""
     if isinstance(error, json.JSONDecodeError):
         return f"{error.msg} at column {error.colno}"
     if isinstance(error, RecursionError):
         return "nested too deeply"
     return str(error)  # e.g. an integer with more digits than Python converts
-
-
-def _read_jsonl(path: Path) -> tuple[list[Any], list[str]]:
-    rows, locations = [], []
-    # newline=None splits lines as reading the file in text mode does.
-    for line_number, line in enumerate(io.StringIO(_read_text(path), newline=None), start=1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except (ValueError, RecursionError) as error:
-            raise EvalSetError(
-                f"{path}:{line_number}: not valid JSON ({_json_error_detail(error)}). "
-                "Each line must be one JSON object; fix or remove this line."
-            ) from None
-        locations.append(f"{path}:{line_number}")
-    return rows, locations
-
-
-def _read_json(path: Path) -> tuple[list[Any], list[str]]:
-    text = io.StringIO(_read_text(path), newline=None).read()
-    data = _parse_json(
-        text, str(path), "A .json eval set is a list of row objects; for one object per line use .jsonl."
-    )
-    if isinstance(data, dict) and any(_is_message(item) for value in data.values() if isinstance(value, list) for item in value):
-        raise EvalSetError(
-            f"{path}: holds a single row object. A .json eval set is a list of rows: wrap it in [ ... ], "
-            "or use .jsonl with one row per line."
-        )
-    if isinstance(data, dict) and data and all(isinstance(column, list) for column in data.values()):
-        lengths = {len(column) for column in data.values()}
-        if len(lengths) != 1:
-            raise EvalSetError(f"{path}: the columns have different lengths {sorted(lengths)}. Give every column one value per row.")
-        data = [dict(zip(data, values)) for values in zip(*data.values())]
-    if not isinstance(data, list):
-        raise EvalSetError(
-            f"{path}: expected a JSON list of row objects (or an object of equal-length columns), "
-            f"got {type(data).__name__}."
-        )
-    return data, [f"{path} row {index}" for index in range(len(data))]
-
-
-def _read_csv(path: Path) -> tuple[list[Any], list[str]]:
-    rows, locations = [], []
-    # utf-8-sig: spreadsheet exports start with a byte-order mark that would otherwise rename the first column.
-    reader = csv.DictReader(io.StringIO(_read_text(path, "utf-8-sig"), newline=""))
-    try:
-        for row in reader:
-            rows.append({key: value for key, value in row.items() if key is not None})
-            locations.append(f"{path}:{reader.line_num}")
-    except csv.Error as error:
-        # DictReader.line_num is only updated after a whole row is read; the inner reader's is current.
-        raise EvalSetError(
-            f"{path}:{reader.reader.line_num}: not readable as CSV ({error}). Fix this line, or save the eval set as .jsonl."
-        ) from None
-    return rows, locations
-
-
-def _parquet_table(path: Path) -> Any:
-    import pyarrow.parquet as pq
-
-    try:
-        return pq.read_table(path)
-    except Exception as error:  # pyarrow raises several unrelated types for bad files
-        raise EvalSetError(f"{path}: not a readable parquet file ({error}). Re-export the eval set.") from None
-
-
-def _read_arrow_rows(path: Path, table: Any) -> tuple[list[Any], list[str]]:
-    try:
-        records = table.to_pylist()
-    except Exception as error:  # as above: pyarrow's conversion errors have no common base
-        raise EvalSetError(
-            f"{path}: its columns cannot be read as Python values ({error}). "
-            "Re-export the eval set with text and list columns."
-        ) from None
-    rows = [{key: _undo_arrow_nulls(key, value) for key, value in row.items()} for row in records]
-    return rows, [f"{path} row {index}" for index in range(table.num_rows)]
-
-
-def _is_message(value: Any) -> bool:
-    return isinstance(value, dict) and "role" in value
-
-
-def _undo_arrow_nulls(key: str, value: Any) -> Any:
-    """Arrow gives every struct every key any row's struct has, filling the missing ones with None; undo that.
-
-    The rows then read as written, as from .jsonl (see `load_eval_set` for what TRL sees instead).
-    """
-    if key in TEMPLATE_FIELDS:
-        return _drop_none_values(value)
-    return _drop_null_message_keys(value)
-
-
-def _drop_null_message_keys(value: Any) -> Any:
-    if isinstance(value, list) and all(_is_message(item) for item in value):
-        return [{key: item_value for key, item_value in item.items() if item_value is not None} for item in value]
-    return value
-
-
-def _drop_none_values(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {key: _drop_none_values(item) for key, item in value.items() if item is not None}
-    if isinstance(value, list):
-        return [_drop_none_values(item) for item in value]
-    return value
-
-
-def _read_saved_dataset(path: Path) -> tuple[list[Any], list[str]]:
-    import pyarrow as pa
-
-    resave = "The folder is damaged: save the dataset again with save_to_disk."
-    if (path / "dataset_dict.json").exists():
-        index = _parse_json(_read_text(path / "dataset_dict.json", fix=resave), str(path / "dataset_dict.json"), resave)
-        splits = index.get("splits", []) if isinstance(index, dict) else []
-        raise EvalSetError(
-            f"{path}: this is a DatasetDict with splits {splits}. Point at one split's folder, "
-            f"e.g. {path / (splits[0] if splits and isinstance(splits[0], str) else 'test')}."
-        )
-    state_file = path / "state.json"
-    if not state_file.exists():
-        raise EvalSetError(
-            f"{path}: a folder, but not one written by datasets' save_to_disk (no state.json). "
-            f"Point at a {', '.join(SUFFIXES)} file instead."
-        )
-    state = _parse_json(_read_text(state_file, fix=resave), str(state_file), resave)
-    tables = [_arrow_file_table(data_file, resave) for data_file in _saved_data_files(path, state, state_file, resave)]
-    try:
-        table = pa.concat_tables(tables) if tables else pa.table({})
-    except Exception as error:  # pyarrow raises several unrelated types for mismatched files
-        raise EvalSetError(f"{path}: its data files do not fit together ({error}). {resave}") from None
-    return _read_arrow_rows(path, table)
-
-
-def _saved_data_files(path: Path, state: Any, state_file: Path, resave: str) -> list[Path]:
-    try:
-        return [path / entry["filename"] for entry in state["_data_files"]]
-    except (KeyError, TypeError):
-        raise EvalSetError(f"{state_file}: no '_data_files' list naming the .arrow files. {resave}") from None
-
-
-def _arrow_file_table(data_file: Path, resave: str) -> Any:
-    import pyarrow as pa
-
-    if not data_file.is_file():
-        raise EvalSetError(f"{data_file}: listed in state.json but missing. {resave}")
-    try:
-        with pa.memory_map(str(data_file)) as source:
-            return pa.ipc.open_stream(source).read_all()
-    except Exception as error:  # pyarrow raises several unrelated types for bad files
-        raise EvalSetError(f"{data_file}: not a readable Arrow file ({error}). {resave}") from None
 
 
 def _refuse_vision_rows(raw_rows: list[Any], locations: list[str]) -> None:
@@ -447,7 +222,7 @@ def _messages_from_text(text: str) -> list[dict[str, Any]] | None:
     if not (text.startswith("[") and text.endswith("]")):
         return None
     value = _literal_from_text(text)
-    if isinstance(value, list) and all(_is_message(item) for item in value):
+    if isinstance(value, list) and all(is_message(item) for item in value):
         return value
     return None
 
@@ -560,7 +335,7 @@ def _tools_from_json(text: str, where: str) -> Any:
         return json.loads(text)
     except (ValueError, RecursionError) as error:
         raise EvalSetError(
-            f"{where} is text but not valid JSON ({_json_error_detail(error)}). TRL 1.16 parses text tools "
+            f"{where} is text but not valid JSON ({json_error_detail(error)}). TRL 1.16 parses text tools "
             "as JSON: write them as a JSON list of tool objects."
         ) from None
 
@@ -717,100 +492,3 @@ def extract_prompt(chosen: Any, rejected: Any) -> tuple[Any, Any, Any]:
                 index -= 1
             break
     return chosen[:index], chosen[index:], rejected[index:]
-
-
-def common_prefix_length(ids: Sequence[int], other_ids: Sequence[int]) -> int:
-    """Number of leading tokens two id lists share."""
-    length = 0
-    for token, other_token in zip(ids, other_ids):
-        if token != other_token:
-            break
-        length += 1
-    return length
-
-
-def check_tokenizer(tokenizer: Any, eval_set: EvalSet, tokenizer_source: str) -> None:
-    """Refuse a tokenizer that cannot tokenize this eval set the way TRL does."""
-    if not eval_set.conversational and tokenizer.eos_token is None:
-        raise EvalSetError(
-            f"The tokenizer from {tokenizer_source} has no EOS token, but TRL appends it to every standard-format "
-            "completion. Set `eos_token` in its tokenizer_config.json (the token the model ends answers with)."
-        )
-    if eval_set.conversational and not getattr(tokenizer, "chat_template", None):
-        raise EvalSetError(
-            f"{eval_set.path}: conversational rows need a chat template, but the tokenizer from {tokenizer_source} "
-            "has none. Save the tokenizer with its chat template, or convert the rows to standard format."
-        )
-
-
-def tokenize_eval_set(
-    eval_set: EvalSet, tokenizer: Any, max_length: int | None, truncation_mode: str, limit: int | None = None
-) -> TokenizedEvalSet:
-    """Tokenize every row exactly as TRL 1.16 `DPOTrainer._prepare_dataset` does.
-
-    Steps: extract implicit prompts; append the EOS string to standard-format
-    completions that do not already end with it; tokenize prompt,
-    prompt+chosen and prompt+rejected (through the chat template for
-    conversations, with the row's `tools` and `chat_template_kwargs`); split at the common prefix of the tokenized prompt and
-    both full sequences; drop rows whose prompt alone fills `max_length`
-    (with `keep_start` truncation). Truncation of the remaining sequences
-    happens when they are batched, as in TRL's collator. With `limit`, stop
-    once that many rows are kept (the rest are not tokenized).
-    """
-    scored, dropped = [], []
-    for index, row in enumerate(eval_set.rows):
-        if limit is not None and len(scored) >= limit:
-            break
-        prompt_ids, chosen_ids, rejected_ids = _tokenized_or_refused(eval_set, index, tokenizer)
-        if max_length is not None and truncation_mode == "keep_start" and len(prompt_ids) >= max_length:
-            dropped.append(index)
-            continue
-        scored.append(TokenizedRow(index, prompt_ids, chosen_ids, rejected_ids))
-    return TokenizedEvalSet(rows=scored, dropped_rows=dropped)
-
-
-def _tokenized_or_refused(eval_set: EvalSet, index: int, tokenizer: Any) -> tuple[list[int], list[int], list[int]]:
-    """The row's tokens; a chat template that fails on the row (as TRL's would) is an error naming the row."""
-    try:
-        return _tokenize_row(eval_set.rows[index], tokenizer, eval_set.conversational)
-    except Exception as error:  # jinja2 raises TemplateError, templates raise whatever their code meets
-        if not eval_set.conversational:
-            raise
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise EvalSetError(
-            f"{eval_set.locations[index]}: the tokenizer's chat template fails on this row ({reason}), as it "
-            "would in TRL. Fix the row (a role order, system message or tools the template does not accept), "
-            "remove it, or use the tokenizer the model was trained with."
-        ) from None
-
-
-def _tokenize_row(row: dict[str, Any], tokenizer: Any, conversational: bool) -> tuple[list[int], list[int], list[int]]:
-    if "prompt" in row:
-        prompt, chosen, rejected = row["prompt"], row["chosen"], row["rejected"]
-    else:
-        prompt, chosen, rejected = extract_prompt(row["chosen"], row["rejected"])
-    if conversational:
-        template_kwargs = {"tools": row.get("tools"), **row.get("chat_template_kwargs", {})}
-        prompt_ids = _chat_ids(tokenizer, prompt, add_generation_prompt=True, **template_kwargs)
-        prompt_chosen_ids = _chat_ids(tokenizer, prompt + chosen, **template_kwargs)
-        prompt_rejected_ids = _chat_ids(tokenizer, prompt + rejected, **template_kwargs)
-    else:
-        eos = tokenizer.eos_token
-        chosen = chosen if chosen.endswith(eos) else chosen + eos
-        rejected = rejected if rejected.endswith(eos) else rejected + eos
-        prompt_ids = tokenizer(text=prompt)["input_ids"]
-        prompt_chosen_ids = tokenizer(text=prompt + chosen)["input_ids"]
-        prompt_rejected_ids = tokenizer(text=prompt + rejected)["input_ids"]
-    prompt_length = min(
-        common_prefix_length(prompt_ids, prompt_chosen_ids),
-        common_prefix_length(prompt_ids, prompt_rejected_ids),
-    )
-    return (
-        list(prompt_ids[:prompt_length]),
-        list(prompt_chosen_ids[prompt_length:]),
-        list(prompt_rejected_ids[prompt_length:]),
-    )
-
-
-def _chat_ids(tokenizer: Any, messages: list[dict[str, Any]], **kwargs: Any) -> list[int]:
-    return tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, **kwargs)["input_ids"]

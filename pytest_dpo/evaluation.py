@@ -13,29 +13,32 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .cache import ScoreCache, cache_key, tokens_digest
-from .evalset import EvalSet, EvalSetError, TokenizedEvalSet, TokenizedRow, check_tokenizer, load_eval_set, tokenize_eval_set
+from .evalset import EvalSet, EvalSetError, load_eval_set
 from .metrics import aggregate, build_per_example
 from .moe import enabled_aux_loss, refuse_coef_without_router
-from .models import (
+from .checkpoints import (
     Checkpoint,
     CheckpointError,
+    discover_checkpoints,
+    policy_fingerprint,
+    reference_fingerprint,
+    resolve_reference,
+)
+from .loading import (
     LoadOptions,
     autocast_dtype,
     choose_device,
     choose_dtype,
-    discover_checkpoints,
     load_policy,
     load_reference,
     load_tokenizer,
-    policy_fingerprint,
-    reference_fingerprint,
-    resolve_reference,
 )
 from .results import EvalResult, SequenceScores
 from .run_settings import ARGUMENT, FROM_RUN, FromRun, resolve_settings
 from .scoring import score
 from .settings import DPOSettings
 from .spelling import option, spelled_for
+from .tokenization import TokenizedEvalSet, TokenizedRow, check_tokenizer, tokenize_eval_set
 
 if TYPE_CHECKING:
     from .distributed import World

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 if TYPE_CHECKING:
-    from .models import Checkpoint
+    from .checkpoints import Checkpoint
     from .results import EvalResult
     from .verdicts import CheckpointVerdict
 

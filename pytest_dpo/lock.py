@@ -23,8 +23,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from .checkpoints import TOKENIZER_FILES
 from .evalset import EvalSet, canonical_sha256
-from .models import TOKENIZER_FILES
 
 LOCK_VERSION = 1
 UPDATE_OPTION = "--dpo-update-lock"
@@ -60,7 +60,7 @@ def row_hashes(eval_set: EvalSet) -> list[str]:
 def tokenizer_fingerprint(tokenizer_dir: Path | None) -> str:
     """SHA-256 over the tokenizer files in a folder, or `"none"` when there is no local folder.
 
-    Every file of `models.TOKENIZER_FILES` present in the folder enters the hash
+    Every file of `checkpoints.TOKENIZER_FILES` present in the folder enters the hash
     in name order, as its name and its content. JSON files are canonicalised
     first (parsed and dumped with sorted keys), so re-saving a tokenizer with
     other indentation or key order is not a change; a JSON file that does not

@@ -22,7 +22,8 @@ from .results import ROUTER_FIELDS, SequenceScores
 from .settings import SettingsError
 
 if TYPE_CHECKING:
-    from .models import Checkpoint, LoadOptions
+    from .checkpoints import Checkpoint
+    from .loading import LoadOptions
 
 
 @dataclass(frozen=True)
@@ -138,7 +139,7 @@ def _policy_text_config(checkpoint: Checkpoint, options: LoadOptions) -> Any:
     """The text config of the checkpoint's model (an adapter's: its base's), read without loading weights."""
     from transformers import AutoConfig
 
-    from .models import locate
+    from .checkpoints import locate
 
     source = locate(checkpoint.base_model or "", checkpoint.path) if checkpoint.is_adapter else str(checkpoint.path)
     return AutoConfig.from_pretrained(source, trust_remote_code=options.trust_remote_code).get_text_config()

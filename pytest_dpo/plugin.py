@@ -20,8 +20,8 @@ from .gates import Gate
 from .verdicts import Verdicts
 
 if TYPE_CHECKING:
+    from .checkpoints import Checkpoint
     from .distributed import World
-    from .models import Checkpoint
     from .publish import PublicationReport
     from .results import EvalResult
     from .session import DPOSession

@@ -21,17 +21,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .checkpoints import ADAPTER_CONFIG, TOKENIZER_FILES, Checkpoint, weight_files
 from .config import PublishConfig
 from .model_card import eval_results_yaml, model_card_text, versions
-from .models import ADAPTER_CONFIG, TOKENIZER_FILES, Checkpoint, weight_files
 
 if TYPE_CHECKING:
     from .results import EvalResult
 
 MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors.index.json")
-REPORT_FILE = "dpo_eval.json"
+EVAL_FILE = "dpo_eval.json"
 EVAL_RESULTS_FILE = ".eval_results/dpo.yaml"
-REPORT_SCHEMA = 1
+EVAL_SCHEMA = 1
 
 
 class PublishError(RuntimeError):
@@ -111,7 +111,7 @@ def release_files(release: Release) -> dict[str, Path | bytes]:
         eval_set_sha256=release.result.eval_set_sha256,
         settings=settings,
     ).encode()
-    files[REPORT_FILE] = (json.dumps(release_report(release), indent=2) + "\n").encode()
+    files[EVAL_FILE] = (json.dumps(release_report(release), indent=2) + "\n").encode()
     return files
 
 
@@ -119,7 +119,7 @@ def release_report(release: Release) -> dict[str, Any]:
     """The machine-readable report of one released checkpoint (`dpo_eval.json`)."""
     result = release.result
     return {
-        "schema": REPORT_SCHEMA,
+        "schema": EVAL_SCHEMA,
         "checkpoint": release.checkpoint_id,
         "checkpoint_path": str(release.checkpoint.path),
         "step": release.checkpoint.step,

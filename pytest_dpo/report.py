@@ -23,8 +23,8 @@ from .gates import Gate, GateError, parse_gate
 from .metrics_names import METRIC_NAMES
 
 if TYPE_CHECKING:
+    from .checkpoints import Checkpoint
     from .evalset import EvalSet
-    from .models import Checkpoint
     from .results import EvalResult
     from .verdicts import CheckpointVerdict, Verdicts
 

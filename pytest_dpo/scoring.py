@@ -33,9 +33,9 @@ from typing import Any
 
 import torch
 
-from .evalset import TokenizedEvalSet, TokenizedRow
 from .moe import RouterSetup, router_request, router_setup, router_totals, routing_sums
 from .results import SequenceScores
+from .tokenization import TokenizedEvalSet, TokenizedRow
 
 # Elements of fp32 logits alive at once in the chunked LM head (256 MiB): with a 150k vocab, chunks of ~220
 # tokens, large enough for the head's matmul to run at full speed.

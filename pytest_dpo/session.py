@@ -18,18 +18,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .cache import ScoreCache
-from .config import ConfigError, RunConfig, setting_error
-from .evalset import EvalSet, EvalSetError, load_eval_set
-from .settings import SettingsError
-from .models import (
+from .checkpoints import (
     Checkpoint,
     CheckpointError,
-    LoadOptions,
     Reference,
     checkpoint_ids,
     discover_checkpoints,
     resolve_reference,
 )
+from .config import ConfigError, RunConfig, setting_error
+from .evalset import EvalSet, EvalSetError, load_eval_set
+from .loading import LoadOptions
+from .settings import SettingsError
 
 if TYPE_CHECKING:
     from .distributed import World
@@ -100,7 +100,7 @@ class DPOSession:
         if world is not None:
             world.check_same("checkpoints or eval set", (self.ids, self.eval_set.sha256))
         if config.settings.device is not None:
-            from .models import check_device
+            from .loading import check_device
 
             try:
                 check_device(config.settings.device)
@@ -127,8 +127,8 @@ class DPOSession:
         return self._check_lock(root)
 
     def _check_lock(self, root: Path) -> str:
+        from .checkpoints import tokenizer_folder
         from .lock import LockError, build_lock, check_lock
-        from .models import tokenizer_folder
 
         path = root / (self.config.lock or "")
         if path.is_dir():
@@ -163,7 +163,7 @@ class DPOSession:
     @property
     def device(self) -> str:
         if self._device is None:
-            from .models import choose_device
+            from .loading import choose_device
 
             self._device = choose_device(self.config.settings.device, self.worker_index)
         return self._device
@@ -229,8 +229,8 @@ class DPOSession:
         """
         if checkpoint_id in self.samples:
             return self.samples[checkpoint_id]
-        from .evalset import tokenize_eval_set
         from .samples import generate_completions, pair_samples
+        from .tokenization import tokenize_eval_set
 
         settings = self.checkpoint_settings(checkpoint_id).settings
         tokenizer = self.tokenizer(checkpoint_id)
@@ -305,24 +305,24 @@ class DPOSession:
         return self._baseline
 
     def tokenizer(self, checkpoint_id: str) -> Any:
-        from .models import load_tokenizer
+        from .loading import load_tokenizer
 
         return load_tokenizer(self.checkpoint(checkpoint_id), self.reference(checkpoint_id), self.load_options)[0]
 
     def _dtype(self) -> Any:
-        from .models import choose_dtype
+        from .loading import choose_dtype
 
         return choose_dtype(self.config.settings.dtype, self.device)
 
     def load_policy(self, checkpoint_id: str) -> Any:
         """The checkpoint's model on the session's device (adapter checkpoints: base with adapter)."""
-        from .models import load_policy
+        from .loading import load_policy
 
         return load_policy(self.checkpoint(checkpoint_id), device=self.device, dtype=self._dtype(), options=self.load_options)
 
     def load_reference(self, checkpoint_id: str) -> Any:
         """The reference model on the session's device (for a fresh adapter: its base model)."""
-        from .models import load_causal_lm, load_reference
+        from .loading import load_causal_lm, load_reference
 
         reference = self.reference(checkpoint_id)
         if reference.kind == "base":
@@ -332,7 +332,7 @@ class DPOSession:
 
     def release(self, checkpoint_id: str, result: EvalResult, verdict: CheckpointVerdict) -> Release:
         """What publishing needs to know about a checkpoint that passed."""
-        from .models import locate, tokenizer_folder
+        from .checkpoints import locate, tokenizer_folder
         from .publish import Release
 
         checkpoint = self.checkpoint(checkpoint_id)

@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from pytest_dpo import assert_margin_positive, evaluate, publish
 from pytest_dpo.config import ALL_OPTIONS
 from pytest_dpo.evalset import load_eval_set
-from pytest_dpo.models import discover_checkpoints
+from pytest_dpo.checkpoints import discover_checkpoints
 from pytest_dpo.report import build_report, eval_set_record, per_example_of, report_entry, write_report
 from pytest_dpo.verdicts import Verdicts
 

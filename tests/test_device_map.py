@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pytest_dpo import CheckpointError, SettingsError, evaluate
-from pytest_dpo.models import LoadOptions, load_causal_lm
+from pytest_dpo.loading import LoadOptions, load_causal_lm
 
 from .fixture_paths import BASE, EVAL_STANDARD, FULL_RUN, LORA_RUN
 

@@ -1,5 +1,6 @@
-"""Tests for `pytest_dpo.evalset`: loading every file format, validation messages, the canonical hash,
-and parity of `extract_prompt` / `common_prefix_length` with TRL 1.16's `trl.data_utils`."""
+"""Tests for `pytest_dpo.evalset` and `pytest_dpo.evalset_files`: loading every file format, validation messages,
+the canonical hash, and parity of `extract_prompt` / `tokenization.common_prefix_length` with TRL 1.16's
+`trl.data_utils`."""
 
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ from datasets import Dataset, DatasetDict
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from pytest_dpo.evalset import EvalSet, EvalSetError, canonical_sha256, common_prefix_length, extract_prompt, load_eval_set
+from pytest_dpo.evalset import EvalSet, EvalSetError, canonical_sha256, extract_prompt, load_eval_set
+from pytest_dpo.tokenization import common_prefix_length
 
 STANDARD_ROWS: list[dict[str, Any]] = [
     {"prompt": "The sky is", "chosen": " blue.", "rejected": " green.", "id": 1},

@@ -18,8 +18,8 @@ from pytest_dpo.evalset import (
     EvalSetError,
     canonical_sha256,
     load_eval_set,
-    tokenize_eval_set,
 )
+from pytest_dpo.tokenization import tokenize_eval_set
 from tests.fixture_paths import FIXTURES
 
 TOOLS = [

@@ -11,9 +11,9 @@ import torch
 
 from pytest_dpo import CheckpointError, EvalSetError, SettingsError, evaluate
 from pytest_dpo.__main__ import main
-from pytest_dpo.evalset import TokenizedEvalSet, TokenizedRow
 from pytest_dpo import scoring
 from pytest_dpo.scoring import LogitTransform, score
+from pytest_dpo.tokenization import TokenizedEvalSet, TokenizedRow
 
 from .fixture_paths import BASE, EVAL_CONVERSATIONAL, EVAL_STANDARD, FULL_RUN, LORA_RUN
 
@@ -167,7 +167,8 @@ def test_lm_head_never_materialises_more_than_an_eighth_of_the_full_logits(monke
 
     from transformers import AutoTokenizer
 
-    from pytest_dpo.evalset import load_eval_set, tokenize_eval_set
+    from pytest_dpo.evalset import load_eval_set
+    from pytest_dpo.tokenization import tokenize_eval_set
 
     model = AutoModelForCausalLM.from_pretrained(str(FULL_RUN / "checkpoint-4"))
     tokenizer = AutoTokenizer.from_pretrained(str(FULL_RUN / "checkpoint-4"))

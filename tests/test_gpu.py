@@ -74,7 +74,7 @@ def test_device_map_auto_on_cuda_matches_one_device() -> None:
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs to split a model across")
 def test_device_map_spreads_a_model_over_two_gpus() -> None:
-    from pytest_dpo.models import LoadOptions, load_causal_lm
+    from pytest_dpo.loading import LoadOptions, load_causal_lm
 
     model = load_causal_lm(
         str(BASE), device="cuda", dtype=torch.float32,

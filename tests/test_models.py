@@ -3,22 +3,34 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from pytest_dpo.models import (
+from pytest_dpo.checkpoints import (
     CheckpointError,
     checkpoint_ids,
-    choose_device,
-    choose_dtype,
     discover_checkpoints,
     fingerprint,
     resolve_reference,
 )
+from pytest_dpo.loading import choose_device, choose_dtype
 from pytest_dpo.spelling import spelled_for
 
 from .fixture_paths import BASE, FULL_RUN, LORA_RUN, PROMPT_TUNING_RUN
+
+
+def test_checkpoints_module_imports_no_heavy_library() -> None:
+    """Discovery, fingerprints and reference resolution stay standard-library only: no torch & co. on import."""
+    code = (
+        "import pytest_dpo.checkpoints, sys; "
+        "heavy = {'torch', 'transformers', 'peft', 'safetensors'} & set(sys.modules); "
+        "assert not heavy, heavy"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
 
 
 def test_output_dir_expands_to_checkpoints_in_step_order() -> None:

@@ -22,7 +22,6 @@ from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_fun
 from pytest_dpo import evaluate, load_eval_set
 from pytest_dpo.cache import CACHE_FORMAT, ScoreCache
 from pytest_dpo.distributed import reassemble
-from pytest_dpo.evalset import tokenize_eval_set
 from pytest_dpo.gates import GateError, parse_gate
 from pytest_dpo.metrics import load_balancing_loss, router_aux_loss
 from pytest_dpo.metrics_names import METRIC_NAMES, MOE_METRICS
@@ -31,6 +30,7 @@ from pytest_dpo.report import metrics_table
 from pytest_dpo.results import ROUTER_FIELDS, SequenceScores
 from pytest_dpo.scoring import score
 from pytest_dpo.settings import SettingsError
+from pytest_dpo.tokenization import tokenize_eval_set
 
 from .fixture_paths import BASE, EVAL_CONVERSATIONAL, EVAL_STANDARD, FULL_RUN, MOE_BASE, MOE_RUN
 from .test_parity import assert_same_numbers

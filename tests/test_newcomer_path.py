@@ -13,7 +13,7 @@ import torch
 import transformers  # noqa: F401
 
 from pytest_dpo import assert_margin_positive, assert_no_regression, evaluate
-from pytest_dpo.models import check_device
+from pytest_dpo.loading import check_device
 from pytest_dpo.settings import SettingsError
 
 from .fixture_paths import BASE, EVAL_STANDARD, FULL_RUN, ROOT

@@ -9,7 +9,7 @@ import torch
 
 from pytest_dpo import evaluate
 from pytest_dpo.metrics import aggregate
-from pytest_dpo.models import discover_checkpoints
+from pytest_dpo.checkpoints import discover_checkpoints
 from pytest_dpo.report import build_report, render_markdown, report_entry
 from pytest_dpo.verdicts import Verdicts
 

@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from pytest_dpo import evaluate, load_eval_set
-from pytest_dpo.evalset import tokenize_eval_set
 from pytest_dpo.metrics_names import METRIC_NAMES
 from pytest_dpo.results import EvalResult
 from pytest_dpo.settings import PER_EXAMPLE_LOSS_TYPES, SettingsError
+from pytest_dpo.tokenization import tokenize_eval_set
 
 from .fixture_paths import (
     BASE,

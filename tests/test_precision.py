@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pytest_dpo import evaluate
-from pytest_dpo.models import autocast_dtype, choose_dtype
+from pytest_dpo.loading import autocast_dtype, choose_dtype
 from pytest_dpo.settings import DPOSettings, SettingsError
 
 from .fixture_paths import BASE, EVAL_STANDARD, FULL_RUN

@@ -18,7 +18,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pytest_dpo import evaluate, load_eval_set
-from pytest_dpo.evalset import tokenize_eval_set
+from pytest_dpo.tokenization import tokenize_eval_set
 
 from .fixture_paths import BASE, EVAL_STANDARD
 

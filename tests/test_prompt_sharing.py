@@ -12,8 +12,9 @@ import torch
 import transformers
 
 from pytest_dpo import evaluate
-from pytest_dpo.evalset import TokenizedEvalSet, TokenizedRow, load_eval_set, tokenize_eval_set
+from pytest_dpo.evalset import load_eval_set
 from pytest_dpo.scoring import score
+from pytest_dpo.tokenization import TokenizedEvalSet, TokenizedRow, tokenize_eval_set
 
 from .fixture_paths import (
     BASE,

@@ -148,7 +148,7 @@ def test_unwritable_save_dir_fails_the_run_with_the_folder_named(suite: pytest.P
 
 def _release(tmp_path: Path) -> publish.Release:
     result = evaluate(FULL_RUN / "checkpoint-4", EVAL_STANDARD, reference=BASE)
-    from pytest_dpo.models import discover_checkpoints
+    from pytest_dpo.checkpoints import discover_checkpoints
 
     (checkpoint,) = discover_checkpoints(FULL_RUN / "checkpoint-4")
     return publish.Release("checkpoint-4", checkpoint, result, ["t"], "eval_standard.jsonl", None)

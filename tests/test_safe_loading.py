@@ -22,10 +22,10 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
-from pytest_dpo import assert_accuracy_above, assert_loss_below, assert_margin_positive, evaluate, models
+from pytest_dpo import assert_accuracy_above, assert_loss_below, assert_margin_positive, checkpoints, evaluate, loading
 from pytest_dpo.__main__ import main
 from pytest_dpo.gates import parse_gate
-from pytest_dpo.models import CheckpointError, discover_checkpoints, fingerprint
+from pytest_dpo.checkpoints import CheckpointError, discover_checkpoints, fingerprint
 from pytest_dpo.results import EvalResult
 
 from .fixture_paths import BASE, EVAL_STANDARD, FULL_RUN, LORA_RUN
@@ -89,7 +89,7 @@ def test_training_state_pickles_are_neither_weights_nor_refused(tmp_path: Path) 
     for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth"):
         (checkpoint / name).write_bytes(b"never unpickled")
     assert [found.kind for found in discover_checkpoints(checkpoint)] == ["model"]
-    assert models.weight_files(checkpoint) == ["model.safetensors"]
+    assert checkpoints.weight_files(checkpoint) == ["model.safetensors"]
 
 
 def test_plugin_flag_loads_pickles_and_publishes_them_without_trl_pickles(
@@ -208,7 +208,7 @@ def test_nan_weights_that_got_past_loading_still_fail_the_gates_and_publish_noth
     weights = load_file(checkpoint / "model.safetensors")
     weights["lm_head.weight"][7, 3] = math.nan
     save_file(weights, checkpoint / "model.safetensors", metadata={"format": "pt"})
-    monkeypatch.setattr(models, "refuse_non_finite", lambda model, folders: None)
+    monkeypatch.setattr(loading, "refuse_non_finite", lambda model, folders: None)
     pytester.makepyfile(test_release=textwrap.dedent(MARGIN_TEST))
     pytester.makeini("[pytest]\ndpo_gates =\n    rewards/accuracies >= 0.6\n    rewards/margins > 0\n    loss <= 0.75\n")
     result = pytester.runpytest(

@@ -13,9 +13,10 @@ import pytest
 import torch
 import transformers
 
-from pytest_dpo.evalset import load_eval_set, tokenize_eval_set
+from pytest_dpo.evalset import load_eval_set
 from pytest_dpo.report import report_schema
 from pytest_dpo.samples import GenerationError, GenerationSettings
+from pytest_dpo.tokenization import tokenize_eval_set
 
 from .fixture_paths import BASE, EVAL_CONVERSATIONAL, EVAL_STANDARD, FULL_RUN, LORA_RUN
 

@@ -17,9 +17,9 @@ import torch
 import transformers
 
 from pytest_dpo import scoring
-from pytest_dpo.evalset import TokenizedEvalSet, TokenizedRow
 from pytest_dpo.results import SequenceScores
 from pytest_dpo.scoring import score
+from pytest_dpo.tokenization import TokenizedEvalSet, TokenizedRow
 
 VOCAB = 64
 SUMS_TOLERANCE = 1e-4

@@ -13,7 +13,7 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 from pytest_dpo import evaluate
-from pytest_dpo.models import discover_checkpoints, fingerprint
+from pytest_dpo.checkpoints import discover_checkpoints, fingerprint
 
 from .fixture_paths import BASE, EVAL_STANDARD, FULL_RUN
 from .sharding import SHARDS, shard

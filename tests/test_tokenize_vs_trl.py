@@ -21,7 +21,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pytest_dpo.evalset import EvalSetError, load_eval_set, tokenize_eval_set
+from pytest_dpo.evalset import EvalSetError, load_eval_set
+from pytest_dpo.tokenization import tokenize_eval_set
 from tests.fixture_paths import FIXTURES
 
 datasets.disable_progress_bars()
