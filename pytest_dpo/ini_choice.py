@@ -37,13 +37,7 @@ def reconsider_ini(config: pytest.Config, args: list[str], value_flags: frozense
     namespace = config.known_args_namespace
     if namespace.inifilename or namespace.rootdir:
         return
-    try:
-        rootpath, inipath, inicfg = _determine_setup(config, list(namespace.file_or_dir or []))
-    except Exception:  # a pytest version whose ini search we cannot call: say what to do instead
-        rootpath, inipath, inicfg = None, _ini_beside(config.invocation_params.dir), None
-        if inipath is None or inipath == config.inipath:
-            return
-        raise pytest.UsageError(_cannot_switch(config, inipath, "this pytest version cannot choose again")) from None
+    rootpath, inipath, inicfg = _determine_setup(config, list(namespace.file_or_dir or []))
     if inipath == config.inipath:
         return
     blocker = _switch_blocker(config, inicfg)
@@ -63,16 +57,10 @@ def _determine_setup(config: pytest.Config, file_or_dir: list[str]) -> tuple[Pat
         "rootdir_cmd_arg": None,
         "invocation_dir": config.invocation_params.dir,
     }
+    # pytest 8 and 9 take different keywords (9 added override_ini); offer each only where it is taken.
     accepted = inspect.signature(determine_setup).parameters
     rootpath, inipath, inicfg, *_ = determine_setup(**{key: value for key, value in offered.items() if key in accepted})
     return rootpath, inipath, inicfg
-
-
-def _ini_beside(folder: Path) -> Path | None:
-    for name in ("pytest.ini", ".pytest.ini", "pyproject.toml", "tox.ini", "setup.cfg"):
-        if (folder / name).is_file():
-            return folder / name
-    return None
 
 
 def _switch_blocker(config: pytest.Config, inicfg: Any) -> str | None:
