@@ -60,7 +60,7 @@ from pytest_dpo import evaluation, scoring  # noqa: E402
 from pytest_dpo.cache import ScoreCache  # noqa: E402
 from pytest_dpo.evalset import load_eval_set  # noqa: E402
 from pytest_dpo.metrics import aggregate  # noqa: E402
-from pytest_dpo.metrics_names import METRIC_NAMES  # noqa: E402
+from pytest_dpo.metric_table import METRIC_NAMES  # noqa: E402
 from pytest_dpo.checkpoints import Checkpoint, discover_checkpoints  # noqa: E402
 from pytest_dpo.loading import load_causal_lm  # noqa: E402
 from pytest_dpo.results import EvalResult, PerExample  # noqa: E402

@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 import torch
 
-from .metrics_names import non_finite_cause, non_finite_text
+from .metric_table import non_finite_cause, non_finite_text
 from .results import EvalResult, PerExample
 from .stats import check_interval_method
 

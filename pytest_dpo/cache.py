@@ -21,12 +21,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from .atomic import write_atomic_with
 from .results import ROUTER_FIELDS, SequenceScores
 from .tokenization import TokenizedEvalSet
 
@@ -87,14 +86,7 @@ class ScoreCache:
 
         self.directory.mkdir(parents=True, exist_ok=True)
         tensors = {name: values.contiguous() for name, values in _present(scores).items()}
-        handle, temporary = tempfile.mkstemp(prefix=f".{key}.", suffix=".partial", dir=self.directory)
-        os.close(handle)
-        try:
-            save_file(tensors, temporary, metadata={"format": str(CACHE_FORMAT)})
-            os.replace(temporary, self._path(key))
-        finally:
-            if os.path.exists(temporary):
-                os.unlink(temporary)
+        write_atomic_with(self._path(key), lambda path: save_file(tensors, path, metadata={"format": str(CACHE_FORMAT)}))
 
     def _path(self, key: str) -> Path:
         assert self.directory is not None

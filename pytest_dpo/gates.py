@@ -11,7 +11,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from .metrics_names import (
+from .metric_table import (
     DEFAULT_INTERVAL_METHOD,
     INTERVAL_METHODS,
     METRIC_NAMES,

@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-from .metrics_names import METRIC_NAMES
+from .metric_table import METRIC_NAMES
 
 TASK_TYPE = "text-generation"
 DATASET_TYPE = "preference"

@@ -12,15 +12,15 @@ import json
 import math
 import os
 import re
-import secrets
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .atomic import write_atomic
 from .gates import Gate, GateError, parse_gate
-from .metrics_names import METRIC_NAMES
+from .metric_table import METRIC_NAMES
 
 if TYPE_CHECKING:
     from .checkpoints import Checkpoint
@@ -361,8 +361,8 @@ def write_report(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     written = [
-        _write_atomic(directory / REPORT_FILE, _dumps(report, indent=2)),
-        _write_atomic(directory / PER_EXAMPLE_FILE, _dumps(_strict(per_example), indent=None)),
+        write_atomic(directory / REPORT_FILE, _dumps(report, indent=2)),
+        write_atomic(directory / PER_EXAMPLE_FILE, _dumps(_strict(per_example), indent=None)),
     ]
     written += write_views(directory, report, log=log)
     step_summary = os.environ.get("GITHUB_STEP_SUMMARY")
@@ -375,7 +375,7 @@ def write_report(
 def write_views(directory: Path, report: Mapping[str, Any], *, log: Callable[[str], None] = print) -> list[Path]:
     """(Re)write `dpo_summary.md` and, with matplotlib, `dpo_metrics.png` from a report; the files written."""
     directory = Path(directory)
-    written = [_write_atomic(directory / SUMMARY_FILE, render_markdown(report).encode("utf-8"))]
+    written = [write_atomic(directory / SUMMARY_FILE, render_markdown(report).encode("utf-8"))]
     if render_plot(report, directory / PLOT_FILE):
         written.append(directory / PLOT_FILE)
     else:
@@ -463,21 +463,6 @@ def _dumps(value: Any, indent: int | None) -> bytes:
     separators = None if indent else (",", ":")
     text = json.dumps(value, indent=indent, separators=separators, allow_nan=False, ensure_ascii=False)
     return (text + "\n").encode("utf-8")
-
-
-def _write_atomic(path: Path, data: bytes) -> Path:
-    """Write `data` to a temporary file beside `path`, then rename it over `path`: readers never see half a file."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    # os.open with 0o666 lets the umask decide the mode, as for any new file (tempfile would make it 0o600).
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            handle.write(data)
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    return path
 
 
 def render_markdown(report: Mapping[str, Any]) -> str:
@@ -646,7 +631,7 @@ def render_plot(report: Mapping[str, Any], path: Path) -> bool:
         axes.set_xlabel("training step" if any(c["step"] is not None for c in checkpoints) else "checkpoint")
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
-    _write_atomic(Path(path), buffer.getvalue())
+    write_atomic(Path(path), buffer.getvalue())
     return True
 
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from .metrics_names import INTERVAL_METHODS, PER_EXAMPLE_METRICS
+from .metric_table import INTERVAL_METHODS, PER_EXAMPLE_METRICS
 from .results import PerExample
 
 __all__ = [

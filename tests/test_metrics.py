@@ -20,7 +20,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from pytest_dpo import metrics
-from pytest_dpo.metrics_names import METRIC_NAMES, MOE_METRICS
+from pytest_dpo.metric_table import METRIC_NAMES, MOE_METRICS
 from pytest_dpo.results import ROUTER_FIELDS, PerExample, SequenceScores
 from pytest_dpo.settings import F_DIVERGENCE_LOSS_TYPES, PER_EXAMPLE_LOSS_TYPES, DPOSettings, SettingsError
 from pytest_dpo.training_args import TRAINING_SETTING_FIELDS

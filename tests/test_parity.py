@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from pytest_dpo import evaluate, load_eval_set
-from pytest_dpo.metrics_names import METRIC_NAMES
+from pytest_dpo.metric_table import METRIC_NAMES
 from pytest_dpo.results import EvalResult
 from pytest_dpo.settings import PER_EXAMPLE_LOSS_TYPES, SettingsError
 from pytest_dpo.tokenization import tokenize_eval_set

@@ -1,0 +1,90 @@
+"""Every metric pytest-dpo reports, once: TRL's name, how it is computed, which way is better, how it is shown.
+
+Aggregation (`metrics.aggregate`), intervals and regressions (`stats`), worst-row
+rankings (`assertions`), gates, reports and the model card all read this table.
+Importable without torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from .spelling import option
+
+# How a metric is computed from the per-example arrays.
+PER_EXAMPLE = "per_example"  # the mean of one value per example: has a confidence interval
+TOKEN_WEIGHTED = "token_weighted"  # a ratio of token sums: no per-example value, no interval
+WHOLE_SET = "whole_set"  # one value over the whole eval set (MoE aux_loss)
+
+# How the confidence interval of a mean is computed; `rewards/accuracies` always gets Wilson's.
+INTERVAL_METHODS = ("t", "bootstrap")
+DEFAULT_INTERVAL_METHOD = "t"
+DEFAULT_CONFIDENCE = 0.95
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One of TRL's DPO eval metrics (named without the `eval_` prefix).
+
+    Attributes:
+        name (`str`): TRL's name, e.g. `rewards/margins`.
+        kind (`str`): `per_example`, `token_weighted` or `whole_set`.
+        field (`str`, *optional*): the `PerExample` array whose mean this is (per-example metrics
+            other than the accuracy, which is a share of `margins > 0`).
+        higher_is_better (`bool`): the direction of an improvement; a regression moves the other way.
+        interval (`str`, *optional*): `wilson` (a share), `mean` (t or bootstrap), None (no interval).
+        label (`str`): a short column heading.
+        summary (`bool`): shown in the terminal verdict table, the Markdown table and the plot.
+    """
+
+    name: str
+    kind: str
+    field: str | None
+    higher_is_better: bool
+    interval: Literal["wilson", "mean"] | None
+    label: str
+    summary: bool = False
+
+    @property
+    def has_interval(self) -> bool:
+        return self.interval is not None
+
+    @property
+    def worst_is_highest(self) -> bool:
+        return not self.higher_is_better
+
+
+METRICS = (
+    Metric("loss", PER_EXAMPLE, "losses", False, "mean", "loss", summary=True),
+    Metric("rewards/chosen", PER_EXAMPLE, "chosen_rewards", True, "mean", "chosen", summary=True),
+    Metric("rewards/rejected", PER_EXAMPLE, "rejected_rewards", False, "mean", "rejected", summary=True),
+    Metric("rewards/margins", PER_EXAMPLE, "margins", True, "mean", "margins", summary=True),
+    Metric("rewards/accuracies", PER_EXAMPLE, None, True, "wilson", "accuracy", summary=True),
+    Metric("logps/chosen", PER_EXAMPLE, "policy_chosen_logps", True, "mean", "logps chosen"),
+    Metric("logps/rejected", PER_EXAMPLE, "policy_rejected_logps", False, "mean", "logps rejected"),
+    Metric("logits/chosen", TOKEN_WEIGHTED, None, True, None, "logits chosen"),
+    Metric("logits/rejected", TOKEN_WEIGHTED, None, False, None, "logits rejected"),
+    Metric("entropy", TOKEN_WEIGHTED, None, False, None, "entropy"),
+    Metric("mean_token_accuracy", TOKEN_WEIGHTED, None, True, None, "token accuracy"),
+    # Reported, as TRL logs it, only for a mixture-of-experts policy whose load-balancing loss is enabled.
+    Metric("aux_loss", WHOLE_SET, None, False, None, "aux loss"),
+)
+BY_NAME = {metric.name: metric for metric in METRICS}
+METRIC_NAMES = tuple(metric.name for metric in METRICS)
+PER_EXAMPLE_METRICS = tuple(metric.name for metric in METRICS if metric.kind == PER_EXAMPLE)
+MOE_METRICS = tuple(metric.name for metric in METRICS if metric.kind == WHOLE_SET)
+SUMMARY_METRICS = tuple(metric for metric in METRICS if metric.summary)
+
+
+def non_finite_cause() -> str:
+    """Why a metric is NaN or infinite, and what to do: said by every gate and helper that meets one."""
+    return (
+        "the checkpoint's weights or logits contain NaN/inf. Check its weights (assert_metrics_finite lists the "
+        f"rows), or evaluate in float32 ({option('dtype')} float32) if float16 overflowed"
+    )
+
+
+def non_finite_text(value: float) -> str:
+    """`NaN`, `inf` or `-inf`."""
+    return "NaN" if value != value else str(value)
