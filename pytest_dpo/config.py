@@ -122,6 +122,12 @@ PUBLISH_OPTIONS = (
 )
 ALL_OPTIONS = RUN_OPTIONS + SETTING_OPTIONS + LOCK_OPTIONS + REPORT_OPTIONS + CACHE_OPTIONS + PUBLISH_OPTIONS
 PUSH_WHICH = ("all", "last")
+_BY_NAME = {spec.name: spec for spec in ALL_OPTIONS}
+
+
+def option_spec(name: str) -> OptionSpec:
+    """The plugin option for a setting or run option by its field name (`eval_set` → `--dpo-eval-set`)."""
+    return _BY_NAME[name]
 _GIT_BRANCH = re.compile(r"[A-Za-z0-9_][\w./-]*")
 
 
@@ -173,8 +179,7 @@ class RunConfig:
 
 def setting_error(error: SettingsError) -> ConfigError:
     """A settings error as the plugin says it: prefixed with the option and its ini key (`--dpo-beta / dpo_beta`)."""
-    spec = next(s for s in SETTING_OPTIONS if s.name == error.field)
-    return ConfigError(f"{spec.both}: {error}")
+    return ConfigError(f"{option_spec(error.field).both}: {error}")
 
 
 def read_run_config(
@@ -230,11 +235,9 @@ def read_run_config(
     )
     for spec_name, folder in (("report", config.report_dir), ("cache_dir", config.cache_dir), ("save_dir", config.publish.save_dir)):
         if folder is not None and Path(folder).exists() and not Path(folder).is_dir():
-            spec = next(s for s in ALL_OPTIONS if s.name == spec_name)
-            raise ConfigError(f"{spec.both}: {folder} is a file, not a folder. Give a folder path (it is created if missing).")
+            raise ConfigError(f"{option_spec(spec_name).both}: {folder} is a file, not a folder. Give a folder path (it is created if missing).")
     if config.active and config.eval_set is None:
-        spec = next(s for s in RUN_OPTIONS if s.name == "eval_set")
-        raise ConfigError(f"{spec.both}: no eval set given. Pass the frozen preference eval set the checkpoints are scored on.")
+        raise ConfigError(f"{option_spec('eval_set').both}: no eval set given. Pass the frozen preference eval set the checkpoints are scored on.")
     return config
 
 
