@@ -8,7 +8,7 @@ standard preference rows), then measures with the same settings (beta 0.1,
 sigmoid, max_length 1024, fp32, CPU, batch size 8):
 
   a. TRL `DPOTrainer.evaluate()` per checkpoint, the base as explicit `ref_model`;
-  b. pytest-dpo cold: `evaluate_with_settings` over the K checkpoints with a fresh on-disk score cache;
+  b. pytest-dpo cold: `CheckpointEvaluation.score` over the K checkpoints with a fresh on-disk score cache;
   c. pytest-dpo warm: the same again on the same cache dir;
   d. the bare lower bound: K+1 models loaded and run over length-sorted batches, nothing else;
   e. the largest logits tensor pytest-dpo materialises against the full B x T x V logits;
@@ -353,7 +353,7 @@ def timed_function(function: Callable[..., Any], into: dict[str, float], key: st
     return wrapper
 
 
-# What evaluate_with_settings calls, by the name it looks up in pytest_dpo.evaluation at call time.
+# What CheckpointEvaluation calls, by the name it looks up in pytest_dpo.evaluation at call time.
 BREAKDOWN_FUNCTIONS = (
     "resolve_reference",
     "load_tokenizer",
@@ -367,13 +367,13 @@ BREAKDOWN_FUNCTIONS = (
     "score",
     "build_per_example",
     "aggregate",
-    "_free_memory",
+    "free_memory",
 )
 
 
 @contextlib.contextmanager
 def breakdown(into: dict[str, float]) -> Iterator[None]:
-    """Time every step of `evaluate_with_settings` (wrappers cost microseconds against seconds of work)."""
+    """Time every step of `CheckpointEvaluation.score` (wrappers cost microseconds against seconds of work)."""
     with contextlib.ExitStack() as stack:
         for name in BREAKDOWN_FUNCTIONS:
             wrapper = timed_function(getattr(evaluation, name), into, name)
@@ -497,9 +497,9 @@ def run_pytest_dpo(workload: Workload, cache_dir: Path) -> DpoRun:
         cache = ScoreCache(cache_dir)
         for checkpoint in checkpoints:
             with stopwatch(per_checkpoint, checkpoint.name):
-                results[checkpoint.name] = evaluation.evaluate_with_settings(
+                results[checkpoint.name] = evaluation.CheckpointEvaluation(
                     checkpoint, eval_set, str(workload.base), SETTINGS, cache
-                )
+                ).score()
     total = time.perf_counter() - start
     return DpoRun(total, per_checkpoint, results, cache.stats.hits, cache.stats.misses, memory["peak_mib"], steps)
 

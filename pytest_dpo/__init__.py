@@ -32,7 +32,7 @@ _EXPORTS = {
     "assert_rejected_reward_below": "pytest_dpo.assertions",
     "assert_metrics_finite": "pytest_dpo.assertions",
     "assert_no_regression": "pytest_dpo.assertions",
-    "paired_comparison": "pytest_dpo.stats",
+    "paired_comparison": "pytest_dpo.paired",
     "metric_interval": "pytest_dpo.stats",
     "wilson_interval": "pytest_dpo.stats",
     "Verdicts": "pytest_dpo.verdicts",

@@ -9,32 +9,29 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
-from dataclasses import fields
 from pathlib import Path
 
-from .settings import FLAG_SETTINGS, DPOSettings, SettingsError
+from .config import option_spec
+from .settings import SETTINGS, DPOSettings, SettingsError
 from .spelling import option, spelled_for
 
 
 def _parser() -> argparse.ArgumentParser:
-    """The command line; settings flags are spelt by `option()`, so call it inside `spelled_for("cli")`."""
+    """The command line; its flags are spelt by `option()`, so call it inside `spelled_for("cli")`."""
     parser = argparse.ArgumentParser(prog="python -m pytest_dpo", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("evaluate", help="evaluate checkpoints and print TRL's DPO eval metrics")
     run.add_argument("checkpoints", nargs="+", help="model or adapter folders, globs, or TRL output_dirs")
-    run.add_argument("--eval-set", required=True, help="preference eval set (.jsonl/.json/.parquet/.csv or save_to_disk folder)")
-    run.add_argument("--reference", help="reference model or adapter (default: adapter base / model card base_model)")
+    run.add_argument(option("eval_set"), required=True, help=option_spec("eval_set").help)
+    run.add_argument(option("reference"), help=option_spec("reference").help)
     run.add_argument("--json", metavar="FILE", help="also write metrics and per-example arrays to FILE")
-    help_texts = DPOSettings.help_texts()
-    for field in fields(DPOSettings):
-        flag = option(field.name)
-        if field.name in FLAG_SETTINGS:
-            run.add_argument(flag, dest=field.name, help=help_texts[field.name], action="store_const", const="true")
+    for setting in SETTINGS:
+        if setting.is_flag:
+            run.add_argument(
+                option(setting.name), dest=setting.name, help=setting.help_with_default, action="store_const", const="true"
+            )
         else:
-            text = help_texts[field.name]
-            if "default" not in text:
-                text += f" (default: {_default_text(field.default)})"
-            run.add_argument(flag, dest=field.name, help=text, default=None)
+            run.add_argument(option(setting.name), dest=setting.name, help=setting.help_with_default, default=None)
     report = commands.add_parser(
         "report", help="re-render dpo_summary.md and dpo_metrics.png from DIR/dpo_report.json (no models)"
     )
@@ -42,15 +39,9 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _default_text(default: object) -> str:
-    if isinstance(default, tuple):
-        return ",".join(str(part) for part in default)
-    return str(default)
-
-
 def _given_settings(args: argparse.Namespace) -> dict[str, str]:
     """The settings given on the command line, as text by field name."""
-    values = {field.name: getattr(args, field.name) for field in fields(DPOSettings)}
+    values = {setting.name: getattr(args, setting.name) for setting in SETTINGS}
     return {name: text for name, text in values.items() if text is not None}
 
 
@@ -68,8 +59,8 @@ def _main(argv: Sequence[str] | None) -> int:
     transformers_logging.disable_progress_bar()
     from .checkpoints import CheckpointError, discover_checkpoints
     from .evalset import EvalSetError, load_eval_set
-    from .evaluation import evaluate_with_settings
-    from .report import metrics_table
+    from .evaluation import CheckpointEvaluation
+    from .report_terminal import metrics_table
     from .run_settings import COMMAND_LINE, resolve_settings
 
     try:
@@ -86,7 +77,7 @@ def _main(argv: Sequence[str] | None) -> int:
         results = []
         for checkpoint in checkpoints:
             resolved = resolve_settings(settings, dict.fromkeys(given, COMMAND_LINE), checkpoint.path)
-            result = evaluate_with_settings(checkpoint, eval_set, args.reference, resolved.settings)
+            result = CheckpointEvaluation(checkpoint, eval_set, args.reference, resolved.settings).score()
             print(f"{checkpoint.name}: {checkpoint.path} vs {result.reference}")
             print(f"  settings: {resolved.describe()}")
             for warning in resolved.warnings:
@@ -112,10 +103,10 @@ def _main(argv: Sequence[str] | None) -> int:
 
 
 def _rerender(directory: Path) -> int:
-    from .report import REPORT_FILE, ReportError, load_report, write_views
+    from .report_files import REPORT_JSON_FILE, ReportError, load_report, write_views
 
     try:
-        report = load_report(directory / REPORT_FILE)
+        report = load_report(directory / REPORT_JSON_FILE)
     except ReportError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

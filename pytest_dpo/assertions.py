@@ -11,47 +11,25 @@ from __future__ import annotations
 
 import math
 import textwrap
-from collections.abc import Callable
 from dataclasses import fields
-from typing import NamedTuple
 
 import torch
 
-from .metric_table import non_finite_cause, non_finite_text
+from .checks import WORST_COUNT, check_metric
+from .failure_text import WIDTH, count, example_lines, number, scored
 from .results import EvalResult, PerExample
-from .stats import check_interval_method
 
 __all__ = [
-    "assert_no_regression",
     "assert_accuracy_above",
     "assert_chosen_reward_above",
     "assert_loss_below",
     "assert_margin_positive",
     "assert_metrics_finite",
+    "assert_no_regression",
     "assert_rejected_reward_below",
 ]
 
-_WIDTH = 80
-_WORST_COUNT = 3
-_SNIPPET_CHARS = 50
 _MAX_LISTED_ROWS = 10
-_NUMBER_WIDTH = 7
-
-
-class _Ranking(NamedTuple):
-    """Which per-example array orders the examples, and which end of it is the worst."""
-
-    field: str
-    label: str
-    description: str
-    worst_is_highest: bool
-
-
-_BY_MARGIN = _Ranking("margins", "margin", "margin", worst_is_highest=False)
-_BY_LOSS = _Ranking("losses", "loss", "loss", worst_is_highest=True)
-_BY_CHOSEN = _Ranking("chosen_rewards", "chosen", "chosen reward", worst_is_highest=False)
-_BY_REJECTED = _Ranking("rejected_rewards", "rejected", "rejected reward", worst_is_highest=True)
-_ROW_COLUMNS = (_BY_MARGIN, _BY_CHOSEN, _BY_REJECTED)
 
 
 def assert_margin_positive(
@@ -84,7 +62,7 @@ def assert_margin_positive(
     ```
     """
     __tracebackhide__ = True
-    _assert_metric(result, "rewards/margins", at_least, above=True, ranking=_BY_MARGIN, confidence=confidence, method=method)
+    _assert_metric(result, "rewards/margins", ">", at_least, confidence, method)
 
 
 def assert_accuracy_above(
@@ -118,7 +96,7 @@ def assert_accuracy_above(
     ```
     """
     __tracebackhide__ = True
-    _assert_metric(result, "rewards/accuracies", threshold, above=True, ranking=_BY_MARGIN, confidence=confidence, method=method)
+    _assert_metric(result, "rewards/accuracies", ">", threshold, confidence, method)
 
 
 def assert_loss_below(
@@ -151,7 +129,7 @@ def assert_loss_below(
     ```
     """
     __tracebackhide__ = True
-    _assert_metric(result, "loss", threshold, above=False, ranking=_BY_LOSS, confidence=confidence, method=method)
+    _assert_metric(result, "loss", "<", threshold, confidence, method)
 
 
 def assert_chosen_reward_above(
@@ -184,7 +162,7 @@ def assert_chosen_reward_above(
     ```
     """
     __tracebackhide__ = True
-    _assert_metric(result, "rewards/chosen", threshold, above=True, ranking=_BY_CHOSEN, confidence=confidence, method=method)
+    _assert_metric(result, "rewards/chosen", ">", threshold, confidence, method)
 
 
 def assert_rejected_reward_below(
@@ -217,7 +195,7 @@ def assert_rejected_reward_below(
     ```
     """
     __tracebackhide__ = True
-    _assert_metric(result, "rewards/rejected", threshold, above=False, ranking=_BY_REJECTED, confidence=confidence, method=method)
+    _assert_metric(result, "rewards/rejected", "<", threshold, confidence, method)
 
 
 def assert_metrics_finite(result: EvalResult) -> None:
@@ -254,22 +232,22 @@ def assert_metrics_finite(result: EvalResult) -> None:
 
     def non_finite_values(position: int) -> str:
         return ", ".join(
-            f"{name}={_number(values[position].item())}"
+            f"{name}={number(values[position].item())}"
             for name, values in arrays.items()
             if not math.isfinite(values[position].item())
         )
 
-    counted = [_count(n, noun) for n, noun in ((len(bad_metrics), "metric"), (len(bad_positions), "row")) if n]
+    counted = [count(n, noun) for n, noun in ((len(bad_metrics), "metric"), (len(bad_positions), "row")) if n]
     verb = "is" if len(bad_metrics) + len(bad_positions) == 1 else "are"
-    lines = [f"{result.checkpoint}: {' and '.join(counted)} {verb} not finite ({_scored(result)})"]
+    lines = [f"{result.checkpoint}: {' and '.join(counted)} {verb} not finite ({scored(result)})"]
     if bad_metrics:
-        listed = ", ".join(f"{name} = {_number(value)}" for name, value in bad_metrics.items())
-        lines += textwrap.wrap(listed, _WIDTH, initial_indent="metrics: ", subsequent_indent="  ")
+        listed = ", ".join(f"{name} = {number(value)}" for name, value in bad_metrics.items())
+        lines += textwrap.wrap(listed, WIDTH, initial_indent="metrics: ", subsequent_indent="  ")
     if bad_positions:
         lines.append("rows:")
-        lines += _example_lines(result, bad_positions[:_MAX_LISTED_ROWS], non_finite_values)
+        lines += example_lines(result, bad_positions[:_MAX_LISTED_ROWS], non_finite_values)
         if len(bad_positions) > _MAX_LISTED_ROWS:
-            lines.append(f"  … and {_count(len(bad_positions) - _MAX_LISTED_ROWS, 'more row')}")
+            lines.append(f"  … and {count(len(bad_positions) - _MAX_LISTED_ROWS, 'more row')}")
     raise AssertionError("\n".join(lines))
 
 
@@ -294,7 +272,7 @@ def assert_no_regression(
         baseline (`EvalResult`):
             The last release, e.g. the `dpo_baseline` fixture.
         metric (`str`, *optional*, defaults to `"rewards/margins"`):
-            A per-example metric (see `pytest_dpo.stats.PER_EXAMPLE_METRICS`).
+            A metric with per-example values (see `pytest_dpo.metric_table.INTERVAL_METRICS`).
         tolerance (`float`, *optional*, defaults to `0.0`):
             How far the metric may move the wrong way before it counts as a regression.
         confidence (`float`, *optional*, defaults to `0.95`):
@@ -313,138 +291,37 @@ def assert_no_regression(
     ```
     """
     __tracebackhide__ = True
-    from .stats import paired_comparison
+    from .paired import paired_comparison
 
     comparison = paired_comparison(result, baseline, metric, confidence=confidence, tolerance=tolerance)
     if not comparison.regressed:
         return
-    lines = [
+    headline = (
         f"{result.checkpoint}: {metric} regressed against {baseline.checkpoint}: "
-        f"{_number(comparison.baseline_value)} -> {_number(comparison.candidate_value)} "
-        f"(difference {comparison.interval}, tolerance {_number(tolerance)}, N={comparison.n} paired rows)",
+        f"{number(comparison.baseline_value)} -> {number(comparison.candidate_value)} "
+        f"(difference {comparison.interval}, tolerance {number(tolerance)}, N={comparison.n} paired rows)"
+    )
+    flips = (
         f"{len(comparison.flipped_to_wrong)} rows flipped from right to wrong, "
-        f"{len(comparison.flipped_to_right)} from wrong to right",
-    ]
+        f"{len(comparison.flipped_to_right)} from wrong to right"
+    )
+    lines = [headline, flips]
     positions = {int(row): index for index, row in enumerate(result.per_example.rows.tolist())}
-    flipped = [positions[row] for row in comparison.flipped_to_wrong[:_WORST_COUNT] if row in positions]
+    flipped = [positions[row] for row in comparison.flipped_to_wrong[:WORST_COUNT] if row in positions]
     margins = result.per_example.margins
-    lines += _example_lines(result, flipped, lambda position: f"margin {_number(margins[position].item())} (was right)")
+    lines += example_lines(result, flipped, lambda position: f"margin {number(margins[position].item())} (was right)")
     raise AssertionError("\n".join(lines))
 
 
 def _assert_metric(
-    result: EvalResult,
-    metric: str,
-    threshold: float,
-    *,
-    above: bool,
-    ranking: _Ranking,
-    confidence: float | None = None,
-    method: str = "t",
+    result: EvalResult, metric: str, operator: str, threshold: float, confidence: float | None, method: str
 ) -> None:
     __tracebackhide__ = True
-    check_interval_method(method)
-    value = _metric_value(result, metric)
-    relation = "above" if above else "below"
-    if not math.isfinite(value):
-        claim = f"{metric} is {non_finite_text(value)}, not {relation} {_number(threshold)}: {non_finite_cause()}"
-    elif confidence is not None:
-        from .stats import metric_interval
-
-        interval = metric_interval(result, metric, confidence, method)
-        bound = interval.low if above else interval.high
-        if (bound > threshold) if above else (bound < threshold):
-            return
-        side = "lower" if above else "upper"
-        claim = (
-            f"{metric} = {_number(value)}, but its {confidence:.0%} {side} bound {_number(bound)} is not {relation} "
-            f"{_number(threshold)}; interval {interval}"
-        )
-    elif (value > threshold) if above else (value < threshold):
-        return
-    else:
-        shown_value, shown_threshold = _distinct_numbers(value, threshold)
-        claim = f"{metric} = {shown_value} is not {relation} {shown_threshold}"
-    lines = [f"{result.checkpoint}: {claim} ({_scored(result)})", *_worst_lines(result, ranking)]
-    raise AssertionError("\n".join(lines))
-
-
-def _metric_value(result: EvalResult, metric: str) -> float:
-    try:
-        return float(result.metrics[metric])
-    except KeyError:
-        raise KeyError(
-            f"{result.checkpoint} has no metric '{metric}' (it has: {', '.join(result.metrics)}). "
-            "Build the result with `pytest_dpo.evaluate` so it carries all of TRL's metrics."
-        ) from None
-
-
-def _worst_lines(result: EvalResult, ranking: _Ranking) -> list[str]:
-    """The heading and lines of the examples that rank worst, NaN values first."""
-    total = len(result.per_example)
-    if total == 0:
-        return ["no rows were scored"]
-    values = getattr(result.per_example, ranking.field).tolist()
-    sign = -1.0 if ranking.worst_is_highest else 1.0
-    worst = sorted(range(total), key=lambda i: (not math.isnan(values[i]), sign * values[i]))[:_WORST_COUNT]
-    columns = _ROW_COLUMNS if ranking in _ROW_COLUMNS else (ranking, *_ROW_COLUMNS)
-    arrays = [(column.label, getattr(result.per_example, column.field)) for column in columns]
-
-    def ranked_values(position: int) -> str:
-        return "  ".join(f"{label} {_number(array[position].item()):>{_NUMBER_WIDTH}}" for label, array in arrays)
-
-    end = "highest" if ranking.worst_is_highest else "lowest"
-    heading = f"worst {len(worst)} of {total} by {end} {ranking.description}:"
-    return [heading, *_example_lines(result, worst, ranked_values)]
-
-
-def _example_lines(result: EvalResult, positions: list[int], describe: Callable[[int], str]) -> list[str]:
-    """Per example: its eval-set row, `describe(position)`, and its prompt snippet on the next line."""
-    if not positions:
-        return []
-    rows = [int(result.per_example.rows[position]) for position in positions]
-    row_width = max(len(str(row)) for row in rows)
-    lines = []
-    for position, row in zip(positions, rows):
-        prefix = f"  row {row:>{row_width}}  "
-        indent = " " * len(prefix)
-        lines += textwrap.wrap(describe(position), _WIDTH, initial_indent=prefix, subsequent_indent=indent)
-        snippet = _prompt_snippet(result, row)
-        if snippet is not None:
-            lines.append(indent + snippet)
-    return lines
-
-
-def _prompt_snippet(result: EvalResult, row: int) -> str | None:
-    if row >= len(result.prompts):
-        return None
-    text = " ".join(result.prompts[row].split())
-    if len(text) > _SNIPPET_CHARS:
-        text = text[: _SNIPPET_CHARS - 1].rstrip() + "…"
-    return f'"{text}"'
+    failure = check_metric(result, metric, operator, threshold, confidence=confidence, method=method)
+    if failure is not None:
+        raise AssertionError(f"{result.checkpoint}: {failure}")
 
 
 def _float_arrays(per_example: PerExample) -> dict[str, torch.Tensor]:
     arrays = {f.name: getattr(per_example, f.name) for f in fields(per_example)}
     return {name: values for name, values in arrays.items() if values.is_floating_point()}
-
-
-def _scored(result: EvalResult) -> str:
-    dropped = len(result.dropped_rows)
-    return f"N={_count(len(result.per_example), 'row')} scored" + (f", {dropped} dropped" if dropped else "")
-
-
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}" + ("" if n == 1 else "s")
-
-
-def _number(value: float) -> str:
-    return f"{value:.4g}"
-
-
-def _distinct_numbers(value: float, threshold: float) -> tuple[str, str]:
-    """Both numbers at 4 significant digits, or in full where those would look equal but are not."""
-    shown_value, shown_threshold = _number(value), _number(threshold)
-    if shown_value == shown_threshold and value != threshold:
-        return repr(float(value)), repr(float(threshold))
-    return shown_value, shown_threshold

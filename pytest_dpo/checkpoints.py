@@ -1,9 +1,9 @@
-"""Checkpoints on disk: discovery, ids, fingerprints, reference resolution and tokenizer folders.
+"""Checkpoints on disk: discovery, ids, weights files and fingerprints.
 
 Owns what can be decided by reading a checkpoint folder's files: which
-checkpoints a path names (`discover_checkpoints`), their short ids, the cheap
-weights fingerprints the score cache keys on, what each is compared with
-(`resolve_reference`), and where its tokenizer lives.
+checkpoints a path names (`discover_checkpoints`), their short ids, their
+weights and tokenizer files, and the cheap weights fingerprints the score
+cache keys on. What each is compared with is `pytest_dpo.references`'s job.
 
 Standard library only: this module must not import torch, transformers, peft
 or safetensors (nor anything that does) at module level, so that discovery,
@@ -18,11 +18,12 @@ import glob
 import hashlib
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .spelling import flag, option
+from .spelling import flag
 
 MODEL_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -66,27 +67,6 @@ class Checkpoint:
         return self.kind == "adapter"
 
 
-@dataclass(frozen=True)
-class Reference:
-    """What the policy is compared with.
-
-    `kind` is `"model"` (a full model at `path`), `"adapter"` (the base model
-    `base` with the adapter at `path`), or `"base"` (the policy's own base
-    model, i.e. its adapter disabled, as TRL does for a fresh LoRA run).
-    """
-
-    kind: str
-    path: str
-    base: str | None = None
-
-    def describe(self) -> str:
-        if self.kind == "base":
-            return f"{self.path} (the adapter's base, adapter disabled)"
-        if self.kind == "adapter":
-            return f"{self.path} (adapter on {self.base})"
-        return self.path
-
-
 def discover_checkpoints(spec: str | Path, *, allow_pickle: bool = False) -> list[Checkpoint]:
     """Expand a path into the checkpoints it names.
 
@@ -121,11 +101,30 @@ def discover_checkpoints(spec: str | Path, *, allow_pickle: bool = False) -> lis
     if not steps:
         return [_checkpoint(path, allow_pickle)]
     found = [_checkpoint(child, allow_pickle) for _, child in steps]
-    if _has_weights(path, allow_pickle):
+    if has_weights(path, allow_pickle):
         final = _checkpoint(path, allow_pickle)
         if fingerprint(final.path) != fingerprint(found[-1].path):
             found.append(final)
     return found
+
+
+def discover_all(specs: Sequence[str | Path], *, allow_pickle: bool = False) -> list[Checkpoint]:
+    """`discover_checkpoints` of each spec, in order.
+
+    Raises:
+        CheckpointError: a spec names nothing usable, or two specs name the same checkpoint.
+    """
+    found: dict[Path, tuple[str | Path, Checkpoint]] = {}
+    for spec in specs:
+        for checkpoint in discover_checkpoints(spec, allow_pickle=allow_pickle):
+            key = checkpoint.path.resolve()
+            if key in found:
+                raise CheckpointError(
+                    f"{checkpoint.path} is given twice (through {str(found[key][0])!r} and {str(spec)!r}). "
+                    "Give each checkpoint once."
+                )
+            found[key] = (spec, checkpoint)
+    return [checkpoint for _, checkpoint in found.values()]
 
 
 def _unique(checkpoints: list[Checkpoint]) -> list[Checkpoint]:
@@ -147,7 +146,7 @@ def has_adapter_weights(path: Path, allow_pickle: bool) -> bool:
     return (path / ADAPTER_WEIGHTS).exists() or (allow_pickle and (path / ADAPTER_PICKLE_WEIGHTS).exists())
 
 
-def _has_weights(path: Path, allow_pickle: bool = False) -> bool:
+def has_weights(path: Path, allow_pickle: bool = False) -> bool:
     return has_model_weights(path, allow_pickle) or has_adapter_weights(path, allow_pickle)
 
 
@@ -247,100 +246,6 @@ def locate(name_or_path: str, near: Path | None = None) -> str:
     return name_or_path
 
 
-def resolve_reference(checkpoint: Checkpoint, reference: str | Path | None, *, allow_pickle: bool = False) -> Reference:
-    """Decide what `checkpoint` is compared with.
-
-    An explicit `reference` (model or adapter folder, or Hub id) wins. Else a
-    PEFT adapter is compared with its base (adapter disabled, as TRL does for
-    a fresh adapter), and a full model with the `base_model` of its TRL model
-    card. `allow_pickle` accepts a reference folder whose weights are only
-    pickles.
-
-    Raises:
-        CheckpointError: a full model with no reference given and none recorded,
-            an adapter whose base model is missing, a reference without usable
-            weights, or one with another vocabulary than the checkpoint.
-    """
-    resolved = _resolve_reference(checkpoint, reference, allow_pickle)
-    _refuse_other_vocabulary(checkpoint, resolved)
-    return resolved
-
-
-def _refuse_other_vocabulary(checkpoint: Checkpoint, reference: Reference) -> None:
-    """Refuse a reference whose config.json gives another vocab_size than the checkpoint's (local folders only)."""
-    if reference.kind == "base":
-        return
-    policy = checkpoint.path if not checkpoint.is_adapter else Path(locate(checkpoint.base_model or "", checkpoint.path))
-    other = Path(reference.base if reference.kind == "adapter" else reference.path)
-    sizes = [_vocab_size(folder / "config.json") for folder in (policy, other)]
-    if None not in sizes and sizes[0] != sizes[1]:
-        raise CheckpointError(
-            f"{other / 'config.json'}: the reference has vocab_size {sizes[1]}, but the checkpoint's "
-            f"{policy / 'config.json'} has {sizes[0]}; log-probs over different vocabularies cannot be compared. "
-            f"Pass as reference the model the DPO run started from ({option('reference')})."
-        )
-
-
-def _vocab_size(config_file: Path) -> int | None:
-    try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except (ValueError, OSError):
-        return None
-    if not isinstance(config, dict):
-        return None
-    size = config.get("vocab_size", (config.get("text_config") or {}).get("vocab_size"))
-    return size if isinstance(size, int) else None
-
-
-def _resolve_reference(checkpoint: Checkpoint, reference: str | Path | None, allow_pickle: bool) -> Reference:
-    if reference is not None:
-        path = Path(reference)
-        if (path / ADAPTER_CONFIG).exists():
-            if not has_adapter_weights(path, allow_pickle):
-                refuse_missing_weights(path, adapter=True)
-            base = json_object(path / ADAPTER_CONFIG).get("base_model_name_or_path")
-            return Reference("adapter", str(path), _adapter_base(path, base))
-        if path.exists() and not _has_weights(path, allow_pickle):
-            refuse_missing_weights(path, adapter=False)
-        return Reference("model", str(reference))
-    if checkpoint.is_adapter:
-        if not checkpoint.base_model:
-            raise CheckpointError(
-                f"{checkpoint.path / ADAPTER_CONFIG}: no base_model_name_or_path, so the reference is unknown. "
-                f"Pass the base model as reference ({option('reference')})."
-            )
-        return Reference("base", _adapter_base(checkpoint.path, checkpoint.base_model))
-    if checkpoint.base_model:
-        located = locate(checkpoint.base_model, checkpoint.path)
-        if Path(located).exists():
-            return Reference("model", located)
-        raise CheckpointError(
-            f"{checkpoint.path}: its model card names base_model '{checkpoint.base_model}', which is not a local "
-            f"folder. Pass the reference (the model the DPO run started from) with {option('reference')}"
-        )
-    raise CheckpointError(
-        f"{checkpoint.path}: no reference model given and no base_model in a TRL model card (README.md). "
-        f"Pass the model the DPO run started from with {option('reference')}"
-    )
-
-
-def _adapter_base(adapter: Path, base: str | None) -> str:
-    """The adapter's base model as a loadable path or Hub id; a recorded local path that is gone is an error."""
-    if not base:
-        raise CheckpointError(
-            f"{adapter / ADAPTER_CONFIG}: no base_model_name_or_path, so the adapter's base model is unknown. "
-            "Set it to the base model's folder or Hub id."
-        )
-    located = locate(base, adapter)
-    if not Path(located).exists() and (Path(base).is_absolute() or base.startswith(".")):
-        raise CheckpointError(
-            f"{adapter / ADAPTER_CONFIG}: the base model '{base}' does not exist (a relative path is also tried from "
-            "each folder above the adapter). Put the base model there, or set base_model_name_or_path to its "
-            "folder or Hub id."
-        )
-    return located
-
-
 def fingerprint(path: str | Path) -> str:
     """A cheap content fingerprint of a checkpoint folder's weights.
 
@@ -380,13 +285,6 @@ def policy_fingerprint(checkpoint: Checkpoint) -> str:
     return f"{own}+{source_fingerprint(locate(checkpoint.base_model or '', checkpoint.path))}"
 
 
-def reference_fingerprint(reference: Reference) -> str:
-    """What identifies the reference model (a fresh adapter's reference is its base)."""
-    if reference.kind == "adapter":
-        return f"{fingerprint(reference.path)}+{source_fingerprint(reference.base or '')}"
-    return source_fingerprint(reference.path)
-
-
 def checkpoint_ids(checkpoints: list[Checkpoint]) -> list[str]:
     """Short unique names: the folder name, with as many parent folders as it takes to tell them apart.
 
@@ -418,19 +316,6 @@ TOKENIZER_FILES = (
 )
 
 
-def tokenizer_candidates(checkpoint: Checkpoint, reference: Reference | None) -> list[str]:
-    candidates = [str(checkpoint.path)]
-    if checkpoint.base_model:
-        candidates.append(locate(checkpoint.base_model, checkpoint.path))
-    if reference is not None:
-        candidates.append(reference.base or reference.path)
-    return candidates
-
-
-def tokenizer_folder(checkpoint: Checkpoint, reference: Reference | None) -> Path | None:
-    """The local folder the checkpoint's tokenizer is read from: its own, else its base's or the reference's."""
-    for candidate in tokenizer_candidates(checkpoint, reference):
-        folder = Path(candidate)
-        if folder.is_dir() and any((folder / name).exists() for name in TOKENIZER_FILES[:2]):
-            return folder
-    return None
+def has_tokenizer(folder: Path) -> bool:
+    """Whether a folder holds a saved tokenizer (`tokenizer.json` or `tokenizer_config.json`)."""
+    return any((folder / name).exists() for name in TOKENIZER_FILES[:2])

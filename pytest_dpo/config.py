@@ -1,23 +1,31 @@
 """The plugin's configuration: one table of options, each with its ini twin, read into a `RunConfig`.
 
-The `--dpo-*` options for the evaluation settings are generated from
-`DPOSettings`' fields, so the command line, the ini file and `evaluate()`
-cannot disagree. No pytest import here: the plugin turns `ConfigError` into
-`pytest.UsageError`.
+Each option is declared once, as an `OptionSpec` row: its meaning, its default
+and how its value is read and checked. The `--dpo-*` options for the evaluation
+settings are generated from `DPOSettings`' fields, so the command line, the ini
+file and `evaluate()` cannot disagree. No pytest import here: the plugin turns
+`ConfigError` into `pytest.UsageError`.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .gates import Gate, GateError, parse_gates
 from .run_settings import COMMAND_LINE, INI
-from .samples import GenerationError, GenerationSettings
-from .settings import FLAG_SETTINGS, DPOSettings, SettingsError
+from .samples import DEFAULT_MAX_NEW_TOKENS, GenerationError, GenerationSettings
+from .settings import (
+    SETTINGS,
+    DPOSettings,
+    SettingsError,
+    help_with_default,
+    value_text,
+)
+from .spelling import spelled
 
 
 class ConfigError(ValueError):
@@ -25,23 +33,61 @@ class ConfigError(ValueError):
 
 
 @dataclass(frozen=True)
+class Given:
+    """A value the user gave an option, and where.
+
+    Attributes:
+        value (`Any`): as pytest hands it over: text, a list (repeatable options, `linelist`/`paths` ini keys), a bool.
+        source (`str`): `COMMAND_LINE` or `INI`.
+        where (`str`): the flag or the ini key it was given as (`--dpo-gate`, `dpo_gates`).
+        relative_to (`Path`, *optional*): the ini file's folder for an ini value; None on the command line.
+    """
+
+    value: Any
+    source: str
+    where: str
+    relative_to: Path | None = None
+
+
+def _text(spec: OptionSpec, given: Given) -> str:
+    return str(given.value)
+
+
+def _switch(spec: OptionSpec, given: Given) -> bool:
+    return bool(given.value)
+
+
+@dataclass(frozen=True)
 class OptionSpec:
     """One plugin option: `--dpo-<name>` on the command line, `dpo_<name>` in the ini file.
 
-    `ini_type` is pytest's `addini` type (`string`, `paths`, `linelist`);
-    `repeatable` options may be given several times on the command line.
+    Attributes:
+        name (`str`): the field name, e.g. `push_timeout`.
+        meaning (`str`): what the option does; its help adds the default.
+        ini_type (`str`): pytest's `addini` type (`string`, `bool`, `paths`, `linelist`).
+        repeatable (`bool`): may be given several times on the command line.
+        ini_key (`str`, *optional*): the ini key, where it is not `dpo_<name>`.
+        is_flag (`bool`): an on/off switch, given without a value on the command line.
+        default (`Any`): the value when the option is given nowhere.
+        default_words (`str`, *optional*): the default in words, where it is decided later or its value is no text
+            (`the adapter's base / the model card's base_model`).
+        read (`Callable[[OptionSpec, Given], Any]`): a given value → the option's value; raises `ConfigError`
+            naming `spec.both` (or the line of `given.where`) and the fix.
     """
 
     name: str
-    help: str
+    meaning: str
     ini_type: str = "string"
     repeatable: bool = False
     ini_key: str | None = None
     is_flag: bool = False
+    default: Any = None
+    default_words: str | None = None
+    read: Callable[[OptionSpec, Given], Any] = _text
 
     @property
     def flag(self) -> str:
-        return "--dpo-" + self.name.replace("_", "-")
+        return spelled(self.name, "pytest")
 
     @property
     def action(self) -> str:
@@ -62,6 +108,121 @@ class OptionSpec:
     def both(self) -> str:
         return f"{self.flag} / {self.ini}"
 
+    @property
+    def default_text(self) -> str | None:
+        """The default as the help and the README show it; None for an option that does nothing unless given."""
+        if self.default_words is not None:
+            return self.default_words
+        if self.is_flag:
+            return "off"
+        if self.default is None or self.default == ():
+            return None
+        return value_text(self.default)
+
+    @property
+    def help(self) -> str:
+        return help_with_default(self.meaning, self.default_text, self.is_flag)
+
+
+def _paths(spec: OptionSpec, given: Given) -> tuple[str, ...]:
+    return tuple(str(path) for path in given.value)
+
+
+def _input_path(spec: OptionSpec, given: Given) -> str:
+    """A path as given on the command line; an ini path relative to the ini file's folder, when it exists there."""
+    path = str(given.value)
+    if given.relative_to is not None and not Path(path).is_absolute() and (given.relative_to / path).exists():
+        return str(given.relative_to / path)
+    return path
+
+
+def _output_folder(spec: OptionSpec, given: Given) -> str:
+    """A folder to write into (created if missing): an ini path is relative to the ini file's folder."""
+    folder = str(given.value)
+    if given.relative_to is not None and not Path(folder).is_absolute():
+        folder = str(given.relative_to / folder)
+    if Path(folder).exists() and not Path(folder).is_dir():
+        raise ConfigError(f"{spec.both}: {folder} is a file, not a folder. Give a folder path (it is created if missing).")
+    return folder
+
+
+def _gates(spec: OptionSpec, given: Given) -> tuple[Gate, ...]:
+    try:
+        return parse_gates(given.value, given.where)
+    except GateError as error:
+        raise ConfigError(str(error)) from None
+
+
+def _generation(spec: OptionSpec, given: Given) -> GenerationSettings:
+    try:
+        return GenerationSettings.from_lines(given.value, given.where)
+    except GenerationError as error:
+        raise ConfigError(str(error)) from None
+
+
+def _lock(spec: OptionSpec, given: Given) -> str | None:
+    text = str(given.value)
+    return None if text.strip().lower() in ("none", "off", "false") else text
+
+
+def _count(spec: OptionSpec, given: Given) -> int:
+    text = str(given.value)
+    try:
+        count = int(text)
+    except ValueError:
+        count = -1
+    if count < 0:
+        raise ConfigError(f"{spec.both}: {text!r} is not a count. Give how many prompts to sample, e.g. 4.")
+    return count
+
+
+def _repo_id(spec: OptionSpec, given: Given) -> str:
+    repo_id = str(given.value)
+    if not re.fullmatch(r"[\w.-]{1,96}/[\w.-]{1,96}", repo_id):
+        raise ConfigError(
+            f"{spec.both}: {repo_id!r} is not a Hub repo id. Write it as namespace/name, e.g. my-org/my-dpo-model."
+        )
+    return repo_id
+
+
+_GIT_BRANCH = re.compile(r"[A-Za-z0-9_][\w./-]*")
+
+
+def _branch(spec: OptionSpec, given: Given) -> str:
+    revision = str(given.value)
+    if not _GIT_BRANCH.fullmatch(revision) or ".." in revision or revision.endswith((".", "/", ".lock")):
+        raise ConfigError(
+            f"{spec.both}: {revision!r} is not a branch name. Use letters, digits, '-', '_', '.' and '/', "
+            "e.g. release or releases/v2."
+        )
+    return revision
+
+
+PUSH_WHICH = ("all", "last")
+
+
+def _push_which(spec: OptionSpec, given: Given) -> str:
+    which = str(given.value)
+    if which not in PUSH_WHICH:
+        raise ConfigError(
+            f"{spec.both}: {which!r} is not one of {', '.join(PUSH_WHICH)}. Choose all (every passing checkpoint, "
+            "in training-step order) or last (only the last passing one)."
+        )
+    return which
+
+
+def _seconds(spec: OptionSpec, given: Given) -> float:
+    text = str(given.value)
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = 0.0
+    if not 0 < seconds < float("inf"):
+        raise ConfigError(
+            f"{spec.both}: {text!r} is not a number of seconds > 0. Give how long each Hub request may take, e.g. 60."
+        )
+    return seconds
+
 
 RUN_OPTIONS = (
     OptionSpec(
@@ -70,10 +231,25 @@ RUN_OPTIONS = (
         "repeatable",
         ini_type="paths",
         repeatable=True,
+        default=(),
+        read=_paths,
     ),
-    OptionSpec("reference", "reference model or adapter (default: the adapter's base / the model card's base_model)"),
-    OptionSpec("eval_set", "preference eval set: .jsonl, .json, .parquet, .csv or a datasets save_to_disk folder"),
-    OptionSpec("baseline", "the last release to compare with: a checkpoint folder, or a dpo_report.json (or its folder)"),
+    OptionSpec(
+        "reference",
+        "reference model or adapter",
+        default_words="the adapter's base / the model card's base_model",
+        read=_input_path,
+    ),
+    OptionSpec(
+        "eval_set",
+        "preference eval set: .jsonl, .json, .parquet, .csv or a datasets save_to_disk folder",
+        read=_input_path,
+    ),
+    OptionSpec(
+        "baseline",
+        "the last release to compare with: a checkpoint folder, or a dpo_report.json (or its folder)",
+        read=_input_path,
+    ),
     OptionSpec(
         "gate",
         "a gate such as 'rewards/accuracies >= 0.6', one per line in the ini file; on the command line "
@@ -81,54 +257,133 @@ RUN_OPTIONS = (
         ini_type="linelist",
         repeatable=True,
         ini_key="dpo_gates",
+        default=(),
+        read=_gates,
     ),
 )
 SETTING_OPTIONS = tuple(
-    OptionSpec(f.name, f.metadata["help"], ini_type="bool", is_flag=True)
-    if f.name in FLAG_SETTINGS
-    else OptionSpec(f.name, f.metadata["help"])
-    for f in fields(DPOSettings)
+    OptionSpec(
+        setting.name,
+        setting.help,
+        ini_type="bool" if setting.is_flag else "string",
+        is_flag=setting.is_flag,
+        default=setting.default,
+        default_words=setting.default_text,
+    )
+    for setting in SETTINGS
 )
 LOCK_OPTIONS = (
-    OptionSpec("lock", "eval-set lock file (default: dpo.lock in the rootdir; 'none' turns the lock off)"),
-    OptionSpec("update_lock", "accept a changed eval set or tokenizer and rewrite the lock", ini_type="bool", is_flag=True),
+    OptionSpec(
+        "lock",
+        "eval-set lock file, relative to the rootdir; 'none' turns the lock off",
+        default="dpo.lock",
+        read=_lock,
+    ),
+    OptionSpec(
+        "update_lock",
+        "accept a changed eval set or tokenizer and rewrite the lock",
+        ini_type="bool",
+        is_flag=True,
+        default=False,
+        read=_switch,
+    ),
 )
 REPORT_OPTIONS = (
-    OptionSpec("report", "write dpo_report.json, dpo_per_example.json, dpo_summary.md and dpo_metrics.png here"),
-    OptionSpec("samples", "generate completions of the policy and the reference for the first N eval prompts (default 0)"),
+    OptionSpec(
+        "report",
+        "write dpo_report.json, dpo_per_example.json, dpo_summary.md and dpo_metrics.png here",
+        read=_output_folder,
+    ),
+    OptionSpec(
+        "samples",
+        "generate completions of the policy and the reference for the first N eval prompts",
+        default=0,
+        read=_count,
+    ),
     OptionSpec(
         "generation",
-        "a generation setting for --dpo-samples as key=value (GenerationConfig fields, e.g. max_new_tokens=32, "
-        "do_sample=true, temperature=0.7, seed=1; default greedy, 64 new tokens), one per line in the ini file; "
-        "repeatable",
+        "a generation setting for the samples as key=value (GenerationConfig fields, e.g. max_new_tokens=32, "
+        "do_sample=true, temperature=0.7, seed=1), one per line in the ini file; repeatable",
         ini_type="linelist",
         repeatable=True,
+        default=GenerationSettings(),
+        default_words=f"greedy, max_new_tokens={DEFAULT_MAX_NEW_TOKENS}",
+        read=_generation,
     ),
 )
 CACHE_OPTIONS = (
-    OptionSpec("cache_dir", "keep per-example scores here across runs (default: under pytest's cache dir, .pytest_cache)"),
-    OptionSpec("no_cache", "do not read or write the on-disk score cache", ini_type="bool", is_flag=True),
+    OptionSpec(
+        "cache_dir",
+        "keep per-example scores here across runs",
+        default_words="under pytest's cache dir, .pytest_cache",
+        read=_output_folder,
+    ),
+    OptionSpec(
+        "no_cache",
+        "do not read or write the on-disk score cache",
+        ini_type="bool",
+        is_flag=True,
+        default=False,
+        read=_switch,
+    ),
 )
 PUBLISH_OPTIONS = (
-    OptionSpec("save_dir", "save each passing checkpoint (weights or adapter, tokenizer, model card, dpo_eval.json) here"),
-    OptionSpec("push_to", "push each passing checkpoint to this Hugging Face Hub model repo (ns/name), one commit each"),
-    OptionSpec("push_revision", "branch to push to (default: main)"),
-    OptionSpec("push_which", "'all' passing checkpoints in training-step order (default) or only the 'last' one"),
-    OptionSpec("push_timeout", "seconds each Hub request may take to answer before the push fails (default 60)"),
-    OptionSpec("private", "create the Hub repo as private", ini_type="bool", is_flag=True),
-    OptionSpec("push_pr", "open a pull request per checkpoint instead of committing to the branch", ini_type="bool", is_flag=True),
-    OptionSpec("no_tag", "do not tag each pushed commit with the checkpoint's name", ini_type="bool", is_flag=True),
-    OptionSpec("dry_run", "print what would be saved and pushed, and do nothing", ini_type="bool", is_flag=True),
+    OptionSpec(
+        "save_dir",
+        "save each passing checkpoint (weights or adapter, tokenizer, model card, dpo_eval.json) here",
+        read=_output_folder,
+    ),
+    OptionSpec(
+        "push_to",
+        "push each passing checkpoint to this Hugging Face Hub model repo (ns/name), one commit each",
+        read=_repo_id,
+    ),
+    OptionSpec("push_revision", "branch to push to", default="main", read=_branch),
+    OptionSpec(
+        "push_which",
+        "'all' passing checkpoints in training-step order or only the 'last' one",
+        default="all",
+        read=_push_which,
+    ),
+    OptionSpec(
+        "push_timeout",
+        "seconds each Hub request may take to answer before the push fails",
+        default=60,
+        read=_seconds,
+    ),
+    OptionSpec("private", "create the Hub repo as private", ini_type="bool", is_flag=True, default=False, read=_switch),
+    OptionSpec(
+        "push_pr",
+        "open a pull request per checkpoint instead of committing to the branch",
+        ini_type="bool",
+        is_flag=True,
+        default=False,
+        read=_switch,
+    ),
+    OptionSpec(
+        "no_tag",
+        "do not tag each pushed commit with the checkpoint's name",
+        ini_type="bool",
+        is_flag=True,
+        default=False,
+        read=_switch,
+    ),
+    OptionSpec(
+        "dry_run",
+        "print what would be saved and pushed, and do nothing",
+        ini_type="bool",
+        is_flag=True,
+        default=False,
+        read=_switch,
+    ),
 )
 ALL_OPTIONS = RUN_OPTIONS + SETTING_OPTIONS + LOCK_OPTIONS + REPORT_OPTIONS + CACHE_OPTIONS + PUBLISH_OPTIONS
-PUSH_WHICH = ("all", "last")
 _BY_NAME = {spec.name: spec for spec in ALL_OPTIONS}
 
 
 def option_spec(name: str) -> OptionSpec:
     """The plugin option for a setting or run option by its field name (`eval_set` → `--dpo-eval-set`)."""
     return _BY_NAME[name]
-_GIT_BRANCH = re.compile(r"[A-Za-z0-9_][\w./-]*")
 
 
 @dataclass(frozen=True)
@@ -137,13 +392,13 @@ class PublishConfig:
 
     save_dir: str | None = None
     push_to: str | None = None
-    revision: str = "main"
-    which: str = "all"
+    revision: str = option_spec("push_revision").default
+    which: str = option_spec("push_which").default
     private: bool = False
     create_pr: bool = False
     tag: bool = True
     dry_run: bool = False
-    timeout: float = 60.0
+    timeout: float = option_spec("push_timeout").default
 
     @property
     def active(self) -> bool:
@@ -166,10 +421,10 @@ class RunConfig:
     use_cache: bool = True
     report_dir: str | None = None
     baseline: str | None = None
-    lock: str | None = "dpo.lock"
+    lock: str | None = option_spec("lock").default
     update_lock: bool = False
-    samples: int = 0
-    generation: GenerationSettings = GenerationSettings()
+    samples: int = option_spec("samples").default
+    generation: GenerationSettings = option_spec("generation").default
 
     @property
     def active(self) -> bool:
@@ -187,7 +442,7 @@ def read_run_config(
     ini: Callable[[str], Any],
     ini_dir: Path | None,
 ) -> RunConfig:
-    """Read the plugin's options; the command line wins over the ini file.
+    """Read the plugin's options; the command line wins over the ini file, and an empty value counts as not given.
 
     Args:
         option: the command-line value of an option by its dest (`dpo_beta`), None when not given.
@@ -198,122 +453,51 @@ def read_run_config(
         ConfigError: a value is malformed or out of range; the message names the option.
     """
 
-    def text(spec: OptionSpec) -> str | None:
-        value = option(spec.dest)
-        if value is None:
-            value = ini(spec.ini) or None
-        return None if value is None else str(value)
+    def given(spec: OptionSpec) -> Given | None:
+        if value := option(spec.dest):
+            return Given(value, COMMAND_LINE, spec.flag)
+        if value := ini(spec.ini):
+            return Given(value, INI, spec.ini, ini_dir)
+        return None
 
-    checkpoints = option("dpo_checkpoint") or [str(path) for path in ini("dpo_checkpoint")]
-    settings_text = {spec.name: value for spec in SETTING_OPTIONS if (value := text(spec)) is not None}
-    explicit_settings = {name: COMMAND_LINE if option(f"dpo_{name}") is not None else INI for name in settings_text}
+    found = {spec.name: value for spec in ALL_OPTIONS if (value := given(spec)) is not None}
+    values = {spec.name: spec.read(spec, found[spec.name]) if spec.name in found else spec.default for spec in ALL_OPTIONS}
+    # Settings are checked together: one may rule out another (exo_pair needs label_smoothing > 0).
+    explicit_settings = {spec.name: found[spec.name].source for spec in SETTING_OPTIONS if spec.name in found}
     try:
-        settings = DPOSettings.from_text(settings_text)
+        settings = DPOSettings.from_text({name: values[name] for name in explicit_settings})
     except SettingsError as error:
         raise setting_error(error) from None
-    gate_lines, gate_source = (option("dpo_gate"), "--dpo-gate") if option("dpo_gate") else (ini("dpo_gates"), "dpo_gates")
-    try:
-        gates = parse_gates(gate_lines or [], gate_source)
-    except GateError as error:
-        raise ConfigError(str(error)) from None
     config = RunConfig(
-        checkpoints=tuple(str(path) for path in checkpoints),
-        reference=_ini_relative(option("dpo_reference"), ini("dpo_reference"), ini_dir),
-        eval_set=_ini_relative(option("dpo_eval_set"), ini("dpo_eval_set"), ini_dir),
+        checkpoints=values["checkpoint"],
+        reference=values["reference"],
+        eval_set=values["eval_set"],
         settings=settings,
         explicit_settings=explicit_settings,
-        gates=gates,
-        publish=_read_publish(option, ini, ini_dir),
-        cache_dir=_ini_relative(option("dpo_cache_dir"), ini("dpo_cache_dir"), ini_dir, must_exist=False),
-        use_cache=not (option("dpo_no_cache") or ini("dpo_no_cache")),
-        report_dir=_ini_relative(option("dpo_report"), ini("dpo_report"), ini_dir, must_exist=False),
-        baseline=_ini_relative(option("dpo_baseline"), ini("dpo_baseline"), ini_dir),
-        lock=_lock_path(option("dpo_lock") or ini("dpo_lock") or "dpo.lock"),
-        update_lock=bool(option("dpo_update_lock") or ini("dpo_update_lock")),
-        samples=_sample_count(option("dpo_samples") or ini("dpo_samples") or "0"),
-        generation=_generation(option, ini),
+        gates=values["gate"],
+        publish=PublishConfig(
+            save_dir=values["save_dir"],
+            push_to=values["push_to"],
+            revision=values["push_revision"],
+            which=values["push_which"],
+            private=values["private"],
+            create_pr=values["push_pr"],
+            tag=not values["no_tag"],
+            dry_run=values["dry_run"],
+            timeout=values["push_timeout"],
+        ),
+        cache_dir=values["cache_dir"],
+        use_cache=not values["no_cache"],
+        report_dir=values["report"],
+        baseline=values["baseline"],
+        lock=values["lock"],
+        update_lock=values["update_lock"],
+        samples=values["samples"],
+        generation=values["generation"],
     )
-    for spec_name, folder in (("report", config.report_dir), ("cache_dir", config.cache_dir), ("save_dir", config.publish.save_dir)):
-        if folder is not None and Path(folder).exists() and not Path(folder).is_dir():
-            raise ConfigError(f"{option_spec(spec_name).both}: {folder} is a file, not a folder. Give a folder path (it is created if missing).")
     if config.active and config.eval_set is None:
-        raise ConfigError(f"{option_spec('eval_set').both}: no eval set given. Pass the frozen preference eval set the checkpoints are scored on.")
+        raise ConfigError(
+            f"{option_spec('eval_set').both}: no eval set given. Pass the frozen preference eval set the checkpoints "
+            "are scored on."
+        )
     return config
-
-
-def _sample_count(text: str) -> int:
-    try:
-        count = int(text)
-    except ValueError:
-        count = -1
-    if count < 0:
-        raise ConfigError(f"--dpo-samples / dpo_samples: {text!r} is not a count. Give how many prompts to sample, e.g. 4.")
-    return count
-
-
-def _generation(option: Callable[[str], Any], ini: Callable[[str], Any]) -> GenerationSettings:
-    lines, source = (option("dpo_generation"), "--dpo-generation") if option("dpo_generation") else (ini("dpo_generation"), "dpo_generation")
-    try:
-        return GenerationSettings.from_lines(lines or [], source)
-    except GenerationError as error:
-        raise ConfigError(str(error)) from None
-
-
-def _lock_path(value: str) -> str | None:
-    return None if value.strip().lower() in ("none", "off", "false") else value
-
-
-def _read_publish(option: Callable[[str], Any], ini: Callable[[str], Any], ini_dir: Path | None) -> PublishConfig:
-    def flag(name: str) -> bool:
-        return bool(option(f"dpo_{name}") or ini(f"dpo_{name}"))
-
-    which = option("dpo_push_which") or ini("dpo_push_which") or "all"
-    if which not in PUSH_WHICH:
-        raise ConfigError(
-            f"--dpo-push-which / dpo_push_which: {which!r} is not one of {', '.join(PUSH_WHICH)}. Choose all (every "
-            "passing checkpoint, in training-step order) or last (only the last passing one)."
-        )
-    push_to = option("dpo_push_to") or ini("dpo_push_to") or None
-    if push_to is not None and not re.fullmatch(r"[\w.-]{1,96}/[\w.-]{1,96}", push_to):
-        raise ConfigError(
-            f"--dpo-push-to / dpo_push_to: {push_to!r} is not a Hub repo id. Write it as namespace/name, "
-            "e.g. my-org/my-dpo-model."
-        )
-    timeout_text = option("dpo_push_timeout") or ini("dpo_push_timeout") or "60"
-    try:
-        timeout = float(timeout_text)
-    except ValueError:
-        timeout = 0.0
-    if not 0 < timeout < float("inf"):
-        raise ConfigError(
-            f"--dpo-push-timeout / dpo_push_timeout: {timeout_text!r} is not a number of seconds > 0. "
-            "Give how long each Hub request may take, e.g. 60."
-        )
-    revision = option("dpo_push_revision") or ini("dpo_push_revision") or "main"
-    if not _GIT_BRANCH.fullmatch(revision) or ".." in revision or revision.endswith((".", "/", ".lock")):
-        raise ConfigError(
-            f"--dpo-push-revision / dpo_push_revision: {revision!r} is not a branch name. Use letters, digits, "
-            "'-', '_', '.' and '/', e.g. release or releases/v2."
-        )
-    return PublishConfig(
-        save_dir=_ini_relative(option("dpo_save_dir"), ini("dpo_save_dir"), ini_dir, must_exist=False),
-        push_to=push_to,
-        revision=revision,
-        which=which,
-        private=flag("private"),
-        create_pr=flag("push_pr"),
-        tag=not flag("no_tag"),
-        dry_run=flag("dry_run"),
-        timeout=timeout,
-    )
-
-
-def _ini_relative(command_line: str | None, ini_value: str, ini_dir: Path | None, must_exist: bool = True) -> str | None:
-    """A command-line path as given; an ini path relative to the ini file's folder (when it exists there, for inputs)."""
-    if command_line:
-        return command_line
-    if not ini_value:
-        return None
-    if ini_dir is not None and not Path(ini_value).is_absolute() and (not must_exist or (ini_dir / ini_value).exists()):
-        return str(ini_dir / ini_value)
-    return ini_value

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from .config import ConfigError
+from .spelling import option
 
 if TYPE_CHECKING:
     from .results import SequenceScores
@@ -176,7 +177,7 @@ class World:
         if differing:
             raise ConfigError(
                 f"torchrun ranks {differing} see other {what} than rank 0: every rank must read the same "
-                "--dpo-checkpoint and --dpo-eval-set files (on several nodes: the same paths with the same content)."
+                f"{option('checkpoint')} and {option('eval_set')} files (on several nodes: the same paths with the same content)."
             )
 
     def score_shards(

@@ -3,47 +3,48 @@
 from __future__ import annotations
 
 import contextlib
-import gc
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
 from .cache import ScoreCache, cache_key, tokens_digest
-from .evalset import EvalSet, EvalSetError, load_eval_set
-from .metrics import aggregate, build_per_example
-from .moe import enabled_aux_loss, refuse_coef_without_router
 from .checkpoints import (
     Checkpoint,
     CheckpointError,
     discover_checkpoints,
     policy_fingerprint,
-    reference_fingerprint,
-    resolve_reference,
 )
+from .evalset import EvalSet, EvalSetError, load_eval_set
 from .loading import (
     LoadOptions,
     autocast_dtype,
     choose_device,
     choose_dtype,
+    free_memory,
     load_policy,
     load_reference,
     load_tokenizer,
 )
+from .metrics import aggregate, build_per_example
+from .moe import enabled_aux_loss, refuse_coef_without_router
+from .references import reference_fingerprint, resolve_reference
 from .results import EvalResult, SequenceScores
 from .run_settings import ARGUMENT, FROM_RUN, FromRun, resolve_settings
+from .samples import GenerationSettings, Sample, generate_completions, pair_samples
 from .scoring import score
 from .settings import DPOSettings
 from .spelling import option, spelled_for
-from .tokenization import TokenizedEvalSet, TokenizedRow, check_tokenizer, tokenize_eval_set
+from .tokenization import TokenizedEvalSet, check_tokenizer, tokenize_eval_set
 
 if TYPE_CHECKING:
     from .distributed import World
 
 PROMPT_SNIPPET_CHARS = 120
+T = TypeVar("T")
 
 
 def evaluate(
@@ -179,111 +180,51 @@ def evaluate(
         for warning in resolved.warnings:
             warnings.warn(warning, UserWarning, stacklevel=2)
         cache = ScoreCache(cache_dir) if cache_dir is not None else None
-        return evaluate_with_settings(target, eval_set, reference, resolved.settings, cache)
+        data = eval_set if isinstance(eval_set, EvalSet) else load_eval_set(eval_set)
+        return CheckpointEvaluation(target, data, reference, resolved.settings, cache).score()
 
 
-def evaluate_with_settings(
-    checkpoint: str | Path | Checkpoint,
-    eval_set: str | Path | EvalSet | Sequence[dict[str, Any]],
-    reference: str | Path | None,
-    settings: DPOSettings,
-    cache: ScoreCache | None = None,
-    progress: bool = False,
-    world: World | None = None,
-) -> EvalResult:
-    """`evaluate()` with the settings already gathered in a `DPOSettings`, an optional score cache, and
-    optionally a progress bar on stderr (rows/s, ETA) while models score.
+class CheckpointEvaluation:
+    """One checkpoint scored on one eval set with one set of settings: the orchestrator of every model run.
 
-    With a torchrun `world`, every rank must call this with the same arguments: rank 0's cache decides what
-    is scored, each rank scores its shard of the rows, and every rank returns the same full result.
+    It resolves the reference once, and holds the tokenizer, the tokenized rows and the scoring plan
+    (device, dtype, autocast). `score()` gives the `EvalResult`, `load(role)` a model on its own (for
+    tests), `samples(n)` generated completions. Whether a role's model is the checkpoint, a reference
+    model, or (for a fresh adapter) the checkpoint's base with its adapter disabled is decided in
+    `_for_each_model` alone.
+
+    Args:
+        checkpoint (`Checkpoint`): the policy.
+        eval_set (`EvalSet`): the preference eval set.
+        reference (`str` or `Path`, *optional*): the reference as given; see `evaluate()`.
+        settings (`DPOSettings`): the settings, with `device` chosen.
+        cache (`ScoreCache`, *optional*): per-example scores to reuse and to add to.
+        world (`World`, *optional*): the torchrun ranks; every rank must build this with the same
+            arguments, rank 0's cache decides what is scored, and each rank scores a shard of the rows.
+
+    Raises:
+        CheckpointError: the reference cannot be resolved, or the settings ask for what the model lacks.
     """
-    data = eval_set if isinstance(eval_set, EvalSet) else load_eval_set(eval_set)
-    options = LoadOptions.of(settings)
-    target = checkpoint if isinstance(checkpoint, Checkpoint) else _single_checkpoint(checkpoint, options)
-    ref = resolve_reference(target, reference, allow_pickle=options.allow_pickle)
-    refuse_coef_without_router(settings.router_aux_loss_coef, target, options)
-    tokenizer, tokenizer_source = load_tokenizer(target, ref, options)
-    check_tokenizer(tokenizer, data, tokenizer_source)
-    tokenized = tokenize_eval_set(data, tokenizer, settings.max_length, settings.truncation_mode)
-    if not tokenized.rows:
-        raise EvalSetError(
-            f"{data.path}: every row's prompt alone fills max_length={settings.max_length} tokens, so TRL would drop "
-            f"them all and nothing is left to score. Raise max_length ({option('max_length')}) or shorten the prompts."
-        )
-    device = choose_device(settings.device)
-    dtype = choose_dtype(settings.dtype, device)
-    plan = _ScoringPlan(device, dtype, options, settings)
 
-    tokens = tokens_digest(tokenized, settings.max_length, settings.truncation_mode)
-    keys = {
-        "policy": cache_key(policy_fingerprint(target), plan.precision, device, tokens),
-        "reference": cache_key(reference_fingerprint(ref), plan.precision, device, tokens),
-    }
-    cached = {role: cache.get(key, len(tokenized.rows)) if cache else None for role, key in keys.items()}
-    if world is not None:
-        cached = world.on_main(lambda: cached)
-    missing = {role for role, scores in cached.items() if scores is None}
-
-    def score_rows(positions: list[int]) -> dict[str, SequenceScores]:
-        shard = TokenizedEvalSet([tokenized.rows[position] for position in positions], tokenized.dropped_rows)
-        bar = _progress_bar(target.name, len(missing) * len(positions)) if progress else None
-        try:
-            return _score_missing(target, ref, shard, missing, plan, bar.update if bar is not None else None)
-        finally:
-            if bar is not None:
-                bar.close()
-
-    fresh: dict[str, SequenceScores] = {}
-    if missing and world is None:
-        fresh = score_rows(list(range(len(tokenized.rows))))
-    elif missing and world is not None:
-        fresh = world.score_shards([_scored_length(row, settings.max_length) for row in tokenized.rows], score_rows)
-    if cache is not None:
-        for role, scores in fresh.items():
-            cache.put(keys[role], scores)
-    scores = cached | fresh
-    policy, reference_scores = scores["policy"], scores["reference"]
-
-    rows = torch.tensor([row.row for row in tokenized.rows], dtype=torch.int64)
-    aux_loss = enabled_aux_loss(policy, settings.router_aux_loss_coef, target, options)
-    per_example = build_per_example(rows, policy, reference_scores, settings, aux_loss.term if aux_loss else 0.0)
-    return EvalResult(
-        checkpoint=target.name,
-        checkpoint_path=str(target.path),
-        reference=ref.describe(),
-        metrics=aggregate(per_example, aux_loss.value if aux_loss else None),
-        per_example=per_example,
-        dropped_rows=tokenized.dropped_rows,
-        eval_set_sha256=data.sha256,
-        settings={**settings.to_dict(), "device": device, "dtype": plan.precision},
-        prompts=[data.prompt_text(index)[:PROMPT_SNIPPET_CHARS] for index in range(len(data))],
-    )
-
-
-def _single_checkpoint(spec: str | Path, options: LoadOptions) -> Checkpoint:
-    found = discover_checkpoints(spec, allow_pickle=options.allow_pickle)
-    if len(found) != 1:
-        names = ", ".join(checkpoint.name for checkpoint in found)
-        raise CheckpointError(
-            f"{spec}: evaluate() scores one checkpoint, but this holds {len(found)} ({names}). "
-            "Pass one of them, or loop over pytest_dpo.discover_checkpoints(...)."
-        )
-    return found[0]
-
-
-def _scored_length(row: TokenizedRow, max_length: int | None) -> int:
-    length = len(row.prompt_ids) + max(len(row.chosen_ids), len(row.rejected_ids))
-    return length if max_length is None else min(length, max_length)
-
-
-@dataclass(frozen=True)
-class _ScoringPlan:
-    """How models are loaded and run for one evaluation."""
-
-    device: str
-    dtype: torch.dtype
-    options: LoadOptions
-    settings: DPOSettings
+    def __init__(
+        self,
+        checkpoint: Checkpoint,
+        eval_set: EvalSet,
+        reference: str | Path | None,
+        settings: DPOSettings,
+        cache: ScoreCache | None = None,
+        world: World | None = None,
+    ) -> None:
+        self.checkpoint = checkpoint
+        self.eval_set = eval_set
+        self.settings = settings
+        self.options = LoadOptions.of(settings)
+        self.reference = resolve_reference(checkpoint, reference, allow_pickle=self.options.allow_pickle)
+        refuse_coef_without_router(settings.router_aux_loss_coef, checkpoint, self.options)
+        self.cache = cache
+        self.world = world
+        self.device = choose_device(settings.device)
+        self.dtype = choose_dtype(settings.dtype, self.device)
 
     @property
     def precision(self) -> str:
@@ -292,10 +233,119 @@ class _ScoringPlan:
             return str(self.settings.dtype)
         return str(self.dtype).removeprefix("torch.")
 
-    def load(self, loader: Callable[..., Any], source: Any) -> Any:
+    @cached_property
+    def tokenizer(self) -> Any:
+        """The checkpoint's tokenizer (or its base's), checked against the eval set's format."""
+        tokenizer, source = load_tokenizer(self.checkpoint, self.reference, self.options)
+        check_tokenizer(tokenizer, self.eval_set, source)
+        return tokenizer
+
+    @cached_property
+    def tokenized(self) -> TokenizedEvalSet:
+        """The rows TRL scores, tokenized as TRL does, and the rows it drops.
+
+        Raises:
+            EvalSetError: TRL would drop every row.
+        """
+        settings = self.settings
+        tokenized = tokenize_eval_set(self.eval_set, self.tokenizer, settings.max_length, settings.truncation_mode)
+        if not tokenized.rows:
+            raise EvalSetError(
+                f"{self.eval_set.path}: every row's prompt alone fills max_length={settings.max_length} tokens, so TRL "
+                f"would drop them all and nothing is left to score. Raise max_length ({option('max_length')}) or "
+                "shorten the prompts."
+            )
+        return tokenized
+
+    def score(self, progress: bool = False) -> EvalResult:
+        """TRL's metrics and the per-example arrays; models run only for scores the cache lacks.
+
+        With `progress`, a bar on stderr (rows/s, ETA) while models score.
+        """
+        tokenized, settings = self.tokenized, self.settings
+        tokens = tokens_digest(tokenized, settings.max_length, settings.truncation_mode)
+        keys = {
+            "policy": cache_key(policy_fingerprint(self.checkpoint), self.precision, self.device, tokens),
+            "reference": cache_key(reference_fingerprint(self.reference), self.precision, self.device, tokens),
+        }
+        cache = self.cache
+        cached = {role: cache.get(key, len(tokenized.rows)) if cache else None for role, key in keys.items()}
+        if self.world is not None:
+            cached = self.world.on_main(lambda: cached)
+        missing = [role for role, scores in cached.items() if scores is None]
+
+        def score_rows(positions: list[int]) -> dict[str, SequenceScores]:
+            shard = TokenizedEvalSet([tokenized.rows[position] for position in positions], tokenized.dropped_rows)
+            bar = _progress_bar(self.checkpoint.name, len(missing) * len(positions)) if progress else None
+            try:
+                on_batch = bar.update if bar is not None else None
+                return self._for_each_model(missing, lambda model: self._score(model, shard, on_batch))
+            finally:
+                if bar is not None:
+                    bar.close()
+
+        fresh: dict[str, SequenceScores] = {}
+        if missing and self.world is None:
+            fresh = score_rows(list(range(len(tokenized.rows))))
+        elif missing and self.world is not None:
+            lengths = [row.length(settings.max_length) for row in tokenized.rows]
+            fresh = self.world.score_shards(lengths, score_rows)
+        if cache is not None:
+            for role, scores in fresh.items():
+                cache.put(keys[role], scores)
+        return self._result(cached | fresh)
+
+    def load(self, role: str) -> Any:
+        """The `policy` or `reference` model on its own, on the evaluation's device (free it with `release_model`).
+
+        A fresh adapter's reference is its base model, loaded without the adapter.
+        """
+        if role == "policy":
+            return self._load(load_policy, self.checkpoint)
+        return self._load(load_reference, self.reference)
+
+    def samples(self, count: int, generation: GenerationSettings, reference_memo: dict[Any, list[str]]) -> list[Sample]:
+        """The policy's and the reference's completions of the first `count` scored prompts.
+
+        `reference_memo` keeps the reference's completions by reference and prompts, so a sweep
+        generates them once, not once per checkpoint.
+        """
+        rows = self.tokenized.rows[:count]
+        prompts = [row.prompt_ids for row in rows]
+        memo_key = (self.reference.describe(), *map(tuple, prompts))
+        roles = ["policy"] if memo_key in reference_memo else ["policy", "reference"]
+        texts = self._for_each_model(roles, lambda model: generate_completions(model, self.tokenizer, prompts, generation))
+        reference_memo.setdefault(memo_key, texts.get("reference", []))
+        return pair_samples(rows, self.tokenizer, texts["policy"], reference_memo[memo_key])
+
+    def _for_each_model(self, roles: Sequence[str], use: Callable[[Any], T]) -> dict[str, T]:
+        """`use(model)` for each role (`policy`, `reference`), one model in memory at a time.
+
+        A PEFT checkpoint whose reference is its base is one model for both:
+        the base is used with the adapter disabled.
+        """
+        done: dict[str, T] = {}
+        if self.reference.kind == "base":
+            model = self._load(load_policy, self.checkpoint)
+            if "policy" in roles:
+                done["policy"] = use(model)
+            if "reference" in roles:
+                with model.disable_adapter():
+                    done["reference"] = use(model)
+            del model
+            free_memory()
+            return done
+        for role in roles:
+            model = self.load(role)
+            done[role] = use(model)
+            del model
+            free_memory()
+        return done
+
+    def _load(self, loader: Callable[..., Any], source: Any) -> Any:
         return loader(source, device=self.device, dtype=self.dtype, options=self.options)
 
-    def score(self, model: Any, tokenized: TokenizedEvalSet, on_batch: Callable[[int], None] | None) -> SequenceScores:
+    def _score(self, model: Any, tokenized: TokenizedEvalSet, on_batch: Callable[[int], None] | None) -> SequenceScores:
         settings = self.settings
         autocast = autocast_dtype(settings.dtype)
         device_type = torch.device(self.device).type
@@ -310,38 +360,34 @@ class _ScoringPlan:
                 on_batch=on_batch,
             )
 
+    def _result(self, scores: dict[str, SequenceScores]) -> EvalResult:
+        tokenized, settings, data = self.tokenized, self.settings, self.eval_set
+        policy = scores["policy"]
+        rows = torch.tensor([row.row for row in tokenized.rows], dtype=torch.int64)
+        aux_loss = enabled_aux_loss(policy, settings.router_aux_loss_coef, self.checkpoint, self.options)
+        per_example = build_per_example(rows, policy, scores["reference"], settings, aux_loss.term if aux_loss else 0.0)
+        return EvalResult(
+            checkpoint=self.checkpoint.name,
+            checkpoint_path=str(self.checkpoint.path),
+            reference=self.reference.describe(),
+            metrics=aggregate(per_example, aux_loss.value if aux_loss else None),
+            per_example=per_example,
+            dropped_rows=tokenized.dropped_rows,
+            eval_set_sha256=data.sha256,
+            settings={**settings.to_dict(), "device": self.device, "dtype": self.precision},
+            prompts=[data.prompt_text(index)[:PROMPT_SNIPPET_CHARS] for index in range(len(data))],
+        )
 
-def _score_missing(
-    target: Checkpoint,
-    ref: Any,
-    tokenized: TokenizedEvalSet,
-    roles: set[str],
-    plan: _ScoringPlan,
-    on_batch: Callable[[int], None] | None,
-) -> dict[str, SequenceScores]:
-    """Score the `roles` (`policy`, `reference`) the cache did not have, one model in memory at a time.
 
-    A PEFT checkpoint whose reference is its base is one model for both: the
-    base is scored with the adapter disabled.
-    """
-    scores = {}
-    if ref.kind == "base":
-        model = plan.load(load_policy, target)
-        if "policy" in roles:
-            scores["policy"] = plan.score(model, tokenized, on_batch)
-        if "reference" in roles:
-            with model.disable_adapter():
-                scores["reference"] = plan.score(model, tokenized, on_batch)
-        del model
-        _free_memory()
-        return scores
-    sources = {"policy": (load_policy, target), "reference": (load_reference, ref)}
-    for role in sorted(roles):
-        model = plan.load(*sources[role])
-        scores[role] = plan.score(model, tokenized, on_batch)
-        del model
-        _free_memory()
-    return scores
+def _single_checkpoint(spec: str | Path, options: LoadOptions) -> Checkpoint:
+    found = discover_checkpoints(spec, allow_pickle=options.allow_pickle)
+    if len(found) != 1:
+        names = ", ".join(checkpoint.name for checkpoint in found)
+        raise CheckpointError(
+            f"{spec}: evaluate() scores one checkpoint, but this holds {len(found)} ({names}). "
+            "Pass one of them, or loop over pytest_dpo.discover_checkpoints(...)."
+        )
+    return found[0]
 
 
 def _progress_bar(name: str, rows: int) -> Any:
@@ -350,10 +396,3 @@ def _progress_bar(name: str, rows: int) -> Any:
     from tqdm import tqdm
 
     return tqdm(total=rows, desc=f"scoring {name}", unit="rows", file=sys.stderr, leave=False, dynamic_ncols=True)
-
-
-def _free_memory() -> None:
-    """Return a freed model's memory before the next one is loaded (a 7B model is never held twice)."""
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()

@@ -1,35 +1,28 @@
-"""Built-in gates: `metric op threshold` lines from the ini file, checked against a result's metrics.
+"""Built-in gates: `metric op threshold` lines from the ini file, and their check against a result.
 
-Pure parsing and comparison; no pytest, no models.
+Parsing here; the comparison and its failure message are `checks.check_metric`'s,
+shared with the assertion helpers. No pytest, no models.
 """
 
 from __future__ import annotations
 
-import math
-import operator
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+from .checks import OPERATORS, check_metric
 from .metric_table import (
+    BY_NAME,
     DEFAULT_INTERVAL_METHOD,
     INTERVAL_METHODS,
+    INTERVAL_METRICS,
     METRIC_NAMES,
-    MOE_METRICS,
-    PER_EXAMPLE_METRICS,
-    non_finite_cause,
-    non_finite_text,
 )
 
+if TYPE_CHECKING:
+    from .results import EvalResult
 
-OPERATORS: dict[str, Callable[[float, float], bool]] = {
-    ">=": operator.ge,
-    "<=": operator.le,
-    "==": operator.eq,
-    "!=": operator.ne,
-    ">": operator.gt,
-    "<": operator.lt,
-}
 _GATE = re.compile(
     r"^\s*(?P<metric>[A-Za-z_][\w/]*)\s*(?P<op>>=|<=|==|!=|>|<)\s*"
     r"(?P<threshold>[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)"
@@ -65,29 +58,15 @@ class Gate:
             suffix += f" {self.method}"
         return f"{self.metric} {self.operator} {self.threshold:g}{suffix}"
 
-    @property
-    def bound(self) -> str:
-        """Which side of a confidence interval must clear the threshold: `low` for >, >=; `high` for <, <=."""
-        return "low" if self.operator.startswith(">") else "high"
+    def check(self, result: EvalResult) -> str | None:
+        """None when `result` passes the gate; otherwise why not (see `checks.check_metric`).
 
-    def passes(self, value: float) -> bool:
-        """Whether `value` (the estimate, or the interval bound for a confidence gate) satisfies the gate.
-
-        A NaN or infinite value never does.
+        Args:
+            result (`EvalResult`): the evaluation of one checkpoint; it must have the gate's metric.
         """
-        return math.isfinite(value) and OPERATORS[self.operator](value, self.threshold)
-
-    def failure_message(self, checkpoint: str, metrics: Mapping[str, float], interval: object = None) -> str:
-        value = metrics[self.metric]
-        if not math.isfinite(value):
-            return (
-                f"{checkpoint}: gate failed: {self.metric} is {non_finite_text(value)}, required {self.operator} "
-                f"{self.threshold:g}: {non_finite_cause()}."
-            )
-        text = f"{checkpoint}: gate failed: {self.metric} = {value:.6g}, required {self.operator} {self.threshold:g}"
-        if interval is not None:
-            text += f" for the {self.confidence:.0%} {'lower' if self.bound == 'low' else 'upper'} bound; interval {interval}"
-        return text
+        return check_metric(
+            result, self.metric, self.operator, self.threshold, confidence=self.confidence, method=self.method
+        )
 
 
 def parse_gate(text: str, where: str) -> Gate:
@@ -112,11 +91,10 @@ def parse_gate(text: str, where: str) -> Gate:
                 f"{where}: a confidence gate needs <, <=, > or >= and a level between 0 and 100%, "
                 f"e.g. `rewards/accuracies >= 0.6 @95%`; got {text.strip()!r}."
             )
-        if metric not in PER_EXAMPLE_METRICS:
-            kind = "one value over the eval set" if metric in MOE_METRICS else "token-weighted"
+        if not BY_NAME[metric].has_interval:
             raise GateError(
-                f"{where}: {metric} is {kind}, so it has no per-example confidence interval. "
-                f"Confidence gates work for: {', '.join(PER_EXAMPLE_METRICS)}."
+                f"{where}: {metric} is {BY_NAME[metric].kind_text}, so it has no per-example confidence interval. "
+                f"Confidence gates work for: {', '.join(INTERVAL_METRICS)}."
             )
     method = match.group("method") or DEFAULT_INTERVAL_METHOD
     if method not in INTERVAL_METHODS:

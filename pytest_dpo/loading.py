@@ -24,17 +24,16 @@ from typing import TYPE_CHECKING, Any
 
 from .checkpoints import (
     MODEL_WEIGHTS,
-    TOKENIZER_FILES,
     Checkpoint,
     CheckpointError,
-    Reference,
     has_adapter_weights,
     has_model_weights,
+    has_tokenizer,
     json_object,
     locate,
     refuse_missing_weights,
-    tokenizer_candidates,
 )
+from .references import Reference, tokenizer_candidates
 from .settings import AUTOCAST_PREFIX, SettingsError
 from .spelling import flag, option
 
@@ -139,6 +138,23 @@ def autocast_dtype(dtype: str | None) -> torch.dtype | None:
     return getattr(torch, dtype.removeprefix(AUTOCAST_PREFIX))
 
 
+def free_memory() -> None:
+    """Return freed models' memory before the next one is loaded (a 7B model is never held twice)."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def release_model(model: Any) -> None:
+    """Free a model's memory now, even while a test still holds a reference to the object."""
+    model.to("meta")
+    free_memory()
+
+
 def load_causal_lm(name_or_path: str, *, device: str, dtype: torch.dtype, options: LoadOptions = LoadOptions()) -> Any:
     """Load a causal LM: from safetensors and without running the repo's code, unless `options` allow them.
 
@@ -160,7 +176,7 @@ def load_policy(checkpoint: Checkpoint, *, device: str, dtype: torch.dtype, opti
 
 
 def load_reference(reference: Reference, *, device: str, dtype: torch.dtype, options: LoadOptions = LoadOptions()) -> Any:
-    """The reference model of a `Reference` of kind `model` or `adapter`."""
+    """The reference model on its own: a model, a base with a reference adapter, or (kind `base`) a fresh adapter's base."""
     if reference.kind == "adapter":
         return _with_adapter(reference.base or "", Path(reference.path), device, dtype, options)
     return load_causal_lm(reference.path, device=device, dtype=dtype, options=options)
@@ -399,7 +415,7 @@ def load_tokenizer(checkpoint: Checkpoint, reference: Reference, options: LoadOp
     candidates = tokenizer_candidates(checkpoint, reference)
     for candidate in candidates:
         folder = Path(candidate)
-        if folder.is_dir() and not any((folder / name).exists() for name in TOKENIZER_FILES[:2]):
+        if folder.is_dir() and not has_tokenizer(folder):
             continue
         if folder.is_dir():
             for config in ("tokenizer_config.json", "config.json"):

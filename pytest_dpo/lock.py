@@ -24,13 +24,12 @@ from typing import Any
 from .atomic import write_atomic
 from .checkpoints import TOKENIZER_FILES
 from .evalset import EvalSet, canonical_sha256
+from .spelling import option
 
 LOCK_VERSION = 1
-UPDATE_OPTION = "--dpo-update-lock"
 NO_TOKENIZER = "none"
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _SHORT = 12
-_FIX = f"If the change is intended, run again with {UPDATE_OPTION} to accept it."
 
 
 class LockError(ValueError):
@@ -202,10 +201,14 @@ class EvalSetLock:
         return (self.eval_set_sha256, self.tokenizer_fingerprint) == (other.eval_set_sha256, other.tokenizer_fingerprint)
 
 
+def _fix() -> str:
+    return f"If the change is intended, run again with {option('update_lock')} to accept it."
+
+
 def _unreadable(path: str | Path, reason: str) -> LockError:
     return LockError(
         f"{path}: not a readable eval-set lock ({reason}). Delete it to lock the current eval set again, "
-        f"or run with {UPDATE_OPTION} to rewrite it."
+        f"or run with {option('update_lock')} to rewrite it."
     )
 
 
@@ -254,7 +257,7 @@ class LockDrift(LockError):
         if locked.eval_set_sha256 == current.eval_set_sha256:
             return (
                 f"{self.path}: the tokenization changed since the lock (tokenizer files differ: {tokenizer}); "
-                f"the eval set {current.eval_set_path} is unchanged. {_FIX}"
+                f"the eval set {current.eval_set_path} is unchanged. {_fix()}"
             )
         tallies = ((self.added, "added"), (self.removed, "removed"), (self.changed, "changed"))
         counts = [f"{count} {kind}" for count, kind in tallies if count]
@@ -267,7 +270,7 @@ class LockDrift(LockError):
         moved = f" (locked from {locked.eval_set_path})" if locked.eval_set_path != current.eval_set_path else ""
         return (
             f"{self.path}: the eval set drifted from the lock ({details}) — {current.eval_set_path} "
-            f"sha256 {current.eval_set_sha256[:_SHORT]}, locked {locked.eval_set_sha256[:_SHORT]}{moved}. {_FIX}"
+            f"sha256 {current.eval_set_sha256[:_SHORT]}, locked {locked.eval_set_sha256[:_SHORT]}{moved}. {_fix()}"
         )
 
 

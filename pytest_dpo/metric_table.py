@@ -1,12 +1,14 @@
 """Every metric pytest-dpo reports, once: TRL's name, how it is computed, which way is better, how it is shown.
 
-Aggregation (`metrics.aggregate`), intervals and regressions (`stats`), worst-row
-rankings (`assertions`), gates, reports and the model card all read this table.
+Aggregation (`metrics.aggregate`), intervals (`stats`), regressions (`paired`), the
+threshold check and its worst-row ranking (`checks`), gates, reports and the model
+card all read this table.
 Importable without torch.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -16,6 +18,11 @@ from .spelling import option
 PER_EXAMPLE = "per_example"  # the mean of one value per example: has a confidence interval
 TOKEN_WEIGHTED = "token_weighted"  # a ratio of token sums: no per-example value, no interval
 WHOLE_SET = "whole_set"  # one value over the whole eval set (MoE aux_loss)
+_KIND_TEXTS = {
+    PER_EXAMPLE: "a mean over the examples",
+    TOKEN_WEIGHTED: "token-weighted (a ratio of sums over all completion tokens)",
+    WHOLE_SET: "one value over the eval set",
+}
 
 # How the confidence interval of a mean is computed; `rewards/accuracies` always gets Wilson's.
 INTERVAL_METHODS = ("t", "bootstrap")
@@ -31,7 +38,7 @@ class Metric:
         name (`str`): TRL's name, e.g. `rewards/margins`.
         kind (`str`): `per_example`, `token_weighted` or `whole_set`.
         field (`str`, *optional*): the `PerExample` array whose mean this is (per-example metrics
-            other than the accuracy, which is a share of `margins > 0`).
+            other than the accuracy, which is the share of rows whose chosen reward beats the rejected one).
         higher_is_better (`bool`): the direction of an improvement; a regression moves the other way.
         interval (`str`, *optional*): `wilson` (a share), `mean` (t or bootstrap), None (no interval).
         label (`str`): a short column heading.
@@ -54,6 +61,11 @@ class Metric:
     def worst_is_highest(self) -> bool:
         return not self.higher_is_better
 
+    @property
+    def kind_text(self) -> str:
+        """How the metric is computed, in words: `token-weighted (…)`, `one value over the eval set`."""
+        return _KIND_TEXTS[self.kind]
+
 
 METRICS = (
     Metric("loss", PER_EXAMPLE, "losses", False, "mean", "loss", summary=True),
@@ -73,8 +85,15 @@ METRICS = (
 BY_NAME = {metric.name: metric for metric in METRICS}
 METRIC_NAMES = tuple(metric.name for metric in METRICS)
 PER_EXAMPLE_METRICS = tuple(metric.name for metric in METRICS if metric.kind == PER_EXAMPLE)
+INTERVAL_METRICS = tuple(metric.name for metric in METRICS if metric.has_interval)
 MOE_METRICS = tuple(metric.name for metric in METRICS if metric.kind == WHOLE_SET)
 SUMMARY_METRICS = tuple(metric for metric in METRICS if metric.summary)
+
+
+def check_interval_method(method: str) -> None:
+    """Refuse an interval method that is not one of `INTERVAL_METHODS`, naming the choices."""
+    if method not in INTERVAL_METHODS:
+        raise ValueError(f"Unknown interval method {method!r}. Choose from: {', '.join(INTERVAL_METHODS)}.")
 
 
 def non_finite_cause() -> str:
@@ -87,4 +106,4 @@ def non_finite_cause() -> str:
 
 def non_finite_text(value: float) -> str:
     """`NaN`, `inf` or `-inf`."""
-    return "NaN" if value != value else str(value)
+    return "NaN" if math.isnan(value) else str(value)

@@ -13,6 +13,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .metric_table import METRIC_NAMES, METRICS
 from .results import PerExample, SequenceScores
 from .settings import DPOSettings
 
@@ -254,30 +255,29 @@ def load_balancing_loss(expert_counts: torch.Tensor, prob_sums: torch.Tensor, to
 
 
 def aggregate(per_example: PerExample, aux_loss: float | None = None) -> dict[str, float]:
-    """TRL's eval metrics (names without the `eval_` prefix), computed over all examples at once.
+    """TRL's eval metrics (names without the `eval_` prefix), computed over all examples at once, in
+    `metric_table.METRIC_NAMES` order.
 
-    Example means for rewards, margins, accuracies, log-probs and the loss;
-    token-weighted means for the logits, the entropy (chosen and rejected
-    tokens) and the token accuracy (chosen tokens), as TRL weighs them.
-    `aux_loss` (`router_aux_loss`), given for a MoE policy whose load-balancing
-    loss is enabled, is reported as TRL logs it; its weighted term is already
-    part of each example's loss (`build_per_example`).
+    Example means of the per-example arrays the metric table names (rewards,
+    margins, log-probs and the loss) and the share of examples whose chosen
+    reward beats the rejected one (accuracy); token-weighted means for the
+    logits, the entropy (chosen and rejected tokens) and the token accuracy
+    (chosen tokens), as TRL weighs them. `aux_loss` (`router_aux_loss`), given
+    for a MoE policy whose load-balancing loss is enabled, is reported as TRL
+    logs it; its weighted term is already part of each example's loss
+    (`build_per_example`).
     """
     p = per_example
-    router = {} if aux_loss is None else {"aux_loss": aux_loss}
-    return {
-        "loss": _mean(p.losses),
-        "rewards/chosen": _mean(p.chosen_rewards),
-        "rewards/rejected": _mean(p.rejected_rewards),
-        "rewards/margins": _mean(p.margins),
+    values = {metric.name: _mean(getattr(p, metric.field)) for metric in METRICS if metric.field is not None}
+    values |= {
         "rewards/accuracies": _mean((p.chosen_rewards > p.rejected_rewards).double()),
-        "logps/chosen": _mean(p.policy_chosen_logps),
-        "logps/rejected": _mean(p.policy_rejected_logps),
         "logits/chosen": _ratio(p.chosen_logits_sum, p.chosen_scored_tokens),
         "logits/rejected": _ratio(p.rejected_logits_sum, p.rejected_scored_tokens),
         "entropy": _ratio(
             p.chosen_entropy_sum + p.rejected_entropy_sum, p.chosen_scored_tokens + p.rejected_scored_tokens
         ),
         "mean_token_accuracy": _ratio(p.chosen_top1, p.chosen_scored_tokens),
-        **router,
     }
+    if aux_loss is not None:
+        values["aux_loss"] = aux_loss
+    return {name: values[name] for name in METRIC_NAMES if name in values}

@@ -17,7 +17,7 @@ import pytest
 
 from .config import ALL_OPTIONS, ConfigError, RunConfig, read_run_config
 from .gates import Gate
-from .verdicts import Verdicts
+from .verdicts import Verdicts, gate_nodeid
 
 if TYPE_CHECKING:
     from .checkpoints import Checkpoint
@@ -188,14 +188,9 @@ class GateItem(pytest.Item):
                 f"{self.checkpoint_id}: has no {self.gate.metric}, which TRL reports only for a mixture-of-experts "
                 "policy whose load-balancing loss is enabled (router logits and router_aux_loss_coef != 0)."
             )
-        value, interval = result.metrics[self.gate.metric], None
-        if self.gate.confidence is not None:
-            from .stats import metric_interval
-
-            interval = metric_interval(result, self.gate.metric, self.gate.confidence, self.gate.method)
-            value = getattr(interval, self.gate.bound)
-        if not self.gate.passes(value):
-            raise GateFailed(self.gate.failure_message(self.checkpoint_id, result.metrics, interval))
+        failure = self.gate.check(result)
+        if failure is not None:
+            raise GateFailed(f"{self.checkpoint_id}: gate failed: {failure}")
 
     def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> str:
         if isinstance(excinfo.value, GateFailed):
@@ -263,7 +258,7 @@ class ActiveRun:
         """Add one gate item per gate per checkpoint; runs first, so -k/-m deselection sees them."""
         for checkpoint_id in self.dpo_session.ids:
             for gate in self.dpo_session.config.gates:
-                name = f"dpo-gate[{checkpoint_id}: {gate}]"
+                name = gate_nodeid(checkpoint_id, str(gate))
                 gate_item = GateItem.from_parent(session, name=name, nodeid=name, checkpoint_id=checkpoint_id, gate=gate)
                 items.append(gate_item)
 
@@ -279,11 +274,12 @@ class ActiveRun:
 
     @pytest.hookimpl(trylast=True)
     def pytest_collection_finish(self, session: pytest.Session) -> None:
-        """Register each checkpoint's tests for its verdict."""
+        """Register each checkpoint's tests for its verdict, each gate item with the gate it checks."""
         for item in session.items:
             checkpoint_id = checkpoint_of(item)
             if checkpoint_id is not None:
-                self.verdicts.expect(checkpoint_id, item.nodeid)
+                gate = str(item.gate) if isinstance(item, GateItem) else None
+                self.verdicts.expect(checkpoint_id, item.nodeid, gate=gate)
                 item.user_properties.append((CHECKPOINT_PROPERTY, checkpoint_id))
 
     def pytest_runtest_teardown(self, item: pytest.Item) -> None:
@@ -305,7 +301,7 @@ class ActiveRun:
             return None
         from .xdist_scheduling import CheckpointScheduling
 
-        return CheckpointScheduling(config, log, self.dpo_session.ids)
+        return CheckpointScheduling(config, log, self.dpo_session.ids, [str(gate) for gate in self.dpo_session.config.gates])
 
     @pytest.hookimpl(optionalhook=True)
     def pytest_testnodedown(self, node: Any, error: Any) -> None:
@@ -392,7 +388,8 @@ class ActiveRun:
 
     def _write_report(self) -> list[str]:
         from .model_card import versions
-        from .report import build_report, eval_set_record, per_example_of, report_entry, write_report
+        from .report import build_report, eval_set_record, per_example_of, report_entry
+        from .report_files import write_report
 
         session = self.dpo_session
         entries = [
@@ -447,7 +444,7 @@ class ActiveRun:
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
         if not self.judges or not self.is_main:
             return
-        from .report import verdict_table
+        from .report_terminal import verdict_table
 
         terminalreporter.section("DPO checkpoints")
         for line in verdict_table(self.dpo_session.ids, self.results, self.verdicts).splitlines():
@@ -531,7 +528,7 @@ def dpo_eval_set(request: pytest.FixtureRequest, dpo_checkpoint: Checkpoint) -> 
 def dpo_tokenizer(request: pytest.FixtureRequest, dpo_checkpoint: Checkpoint) -> Any:
     """The checkpoint's tokenizer (or its base's)."""
     dpo_session = _dpo_session(request.config)
-    return dpo_session.tokenizer(dpo_session.id_of(dpo_checkpoint))
+    return dpo_session.evaluation(dpo_session.id_of(dpo_checkpoint)).tokenizer
 
 
 @pytest.fixture(scope="session")
@@ -541,12 +538,7 @@ def dpo_model(request: pytest.FixtureRequest, dpo_checkpoint: Checkpoint, dpo_re
     Requesting it also evaluates the checkpoint first, so the model is never
     held twice at once (once here, once inside the evaluation).
     """
-    from .session import release_model
-
-    dpo_session = _dpo_session(request.config)
-    model = dpo_session.load_policy(dpo_session.id_of(dpo_checkpoint))
-    yield model
-    release_model(model)
+    yield from _loaded(request, dpo_checkpoint, "policy")
 
 
 @pytest.fixture(scope="session")
@@ -554,10 +546,15 @@ def dpo_reference_model(
     request: pytest.FixtureRequest, dpo_checkpoint: Checkpoint, dpo_result: EvalResult
 ) -> Iterator[Any]:
     """The checkpoint's reference model (for a fresh LoRA adapter: its base); freed with the checkpoint."""
-    from .session import release_model
+    yield from _loaded(request, dpo_checkpoint, "reference")
+
+
+def _loaded(request: pytest.FixtureRequest, checkpoint: Checkpoint, role: str) -> Iterator[Any]:
+    """The checkpoint's `policy` or `reference` model for a test; its memory is freed at teardown."""
+    from .loading import release_model
 
     dpo_session = _dpo_session(request.config)
-    model = dpo_session.load_reference(dpo_session.id_of(dpo_checkpoint))
+    model = dpo_session.evaluation(dpo_session.id_of(checkpoint)).load(role)
     yield model
     release_model(model)
 

@@ -21,9 +21,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .checkpoints import ADAPTER_CONFIG, TOKENIZER_FILES, Checkpoint, weight_files
+from .checkpoints import (
+    ADAPTER_CONFIG,
+    TOKENIZER_FILES,
+    Checkpoint,
+    has_tokenizer,
+    weight_files,
+)
 from .config import PublishConfig
 from .model_card import eval_results_yaml, model_card_text, versions
+from .spelling import option
 
 if TYPE_CHECKING:
     from .results import EvalResult
@@ -89,7 +96,7 @@ def release_files(release: Release) -> dict[str, Path | bytes]:
     for name in names:
         if (source / name).exists():
             files[name] = source / name
-    tokenizer_source = source if any((source / name).exists() for name in TOKENIZER_FILES[:2]) else release.tokenizer_dir
+    tokenizer_source = source if has_tokenizer(source) else release.tokenizer_dir
     for name in TOKENIZER_FILES:
         if tokenizer_source is not None and (tokenizer_source / name).exists():
             files[name] = tokenizer_source / name
@@ -150,7 +157,7 @@ def save_release(release: Release, save_dir: Path) -> Path:
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-{_owner()}-", dir=target.parent))
         staging.chmod(0o755)  # mkdtemp's 0700 would carry over to the released folder
     except OSError as error:
-        raise PublishError(f"cannot write to save dir {save_dir}: {error.strerror}. Choose a writable --dpo-save-dir.") from None
+        raise PublishError(f"cannot write to save dir {save_dir}: {error.strerror}. Choose a writable {option('save_dir')}.") from None
     try:
         _write_files(release_files(release), staging)
         _replace(staging, target)
@@ -364,7 +371,7 @@ def _check_released_before(api: Any, repo_id: str, release: Release, oid: str) -
         if not same:
             raise ValueError(
                 f"tag {release.tag} already exists on {repo_id} and its {name} is not this checkpoint's (commit "
-                f"{oid[:12]}): delete that tag, push to another repo, or pass --dpo-no-tag"
+                f"{oid[:12]}): delete that tag, push to another repo, or pass {option('no_tag')}"
             )
 
 
@@ -402,7 +409,7 @@ def _what_to_do(error: BaseException, config: PublishConfig) -> str:
     """The fix for a failed Hub request, judged by its HTTP status."""
     status = getattr(getattr(error, "response", None), "status_code", None)
     if _timed_out(error):
-        return f"The Hub did not answer within {config.timeout:g} s: retry later, or raise --dpo-push-timeout."
+        return f"The Hub did not answer within {config.timeout:g} s: retry later, or raise {option('push_timeout')}."
     if status == 401:
         return "The Hub refused the token: log in with `hf auth login` or set HF_TOKEN to a valid token."
     if status == 403:

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .spelling import option
 
 DEFAULT_MAX_NEW_TOKENS = 64
 
@@ -102,7 +103,7 @@ def generate_completions(model: Any, tokenizer: Any, prompts: Sequence[Sequence[
     changes what a greedy decode writes."""
     import torch
 
-    config = settings.generation_config("--dpo-generation / dpo_generation")
+    config = settings.generation_config(option('generation'))
     if config.pad_token_id is None:
         config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device

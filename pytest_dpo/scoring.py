@@ -323,7 +323,7 @@ def _cache_argument(backbone_class: type) -> str:
 
 
 def _truncated(row: TokenizedRow, max_length: int | None) -> bool:
-    return max_length is not None and len(row.prompt_ids) + max(len(row.chosen_ids), len(row.rejected_ids)) > max_length
+    return row.length(max_length) < row.length()
 
 
 def _right_padded(sequences: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -338,17 +338,9 @@ def _right_padded(sequences: list[list[int]], device: torch.device) -> tuple[tor
 
 def _collate(pairs: list[tuple[list[int], ...]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded ids, attention mask and completion mask: all chosen sequences, then all rejected."""
-    sequences = [pair[0] for pair in pairs] + [pair[2] for pair in pairs]
-    masks = [pair[1] for pair in pairs] + [pair[3] for pair in pairs]
-    width = max(len(sequence) for sequence in sequences)
-    ids = torch.zeros(len(sequences), width, dtype=torch.long)
-    attention = torch.zeros_like(ids)
-    completion = torch.zeros_like(ids)
-    for i, (sequence, mask) in enumerate(zip(sequences, masks)):
-        ids[i, : len(sequence)] = torch.tensor(sequence, dtype=torch.long)
-        attention[i, : len(sequence)] = 1
-        completion[i, : len(mask)] = torch.tensor(mask, dtype=torch.long)
-    return ids.to(device), attention.to(device), completion.to(device)
+    ids, attention = _right_padded([pair[0] for pair in pairs] + [pair[2] for pair in pairs], device)
+    completion, _ = _right_padded([pair[1] for pair in pairs] + [pair[3] for pair in pairs], device)
+    return ids, attention, completion
 
 
 def _completion_sums(

@@ -1,15 +1,15 @@
-"""One pytest session's DPO state: the checkpoints, their results (computed once), models on demand.
+"""One pytest session's DPO state: the checkpoints, and a memo of their evaluations and results.
 
-Knows nothing about pytest; the plugin holds one `DPOSession` per run.
-Torch, transformers and peft are imported only when something is evaluated
-or loaded.
+Knows nothing about pytest; the plugin holds one `DPOSession` per run. The model
+work is `evaluation.CheckpointEvaluation`'s; this module only remembers what was
+computed (and what failed) per checkpoint id. It imports torch (the cached
+scores are tensors); transformers and peft only when a model or tokenizer loads.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import gc
 import os
 import time
 from collections.abc import Callable
@@ -21,21 +21,20 @@ from .cache import ScoreCache
 from .checkpoints import (
     Checkpoint,
     CheckpointError,
-    Reference,
     checkpoint_ids,
+    discover_all,
     discover_checkpoints,
-    resolve_reference,
 )
-from .config import ConfigError, RunConfig, setting_error
+from .config import ConfigError, RunConfig, option_spec, setting_error
 from .evalset import EvalSet, EvalSetError, load_eval_set
-from .loading import LoadOptions
 from .settings import SettingsError
 
 if TYPE_CHECKING:
     from .distributed import World
-    from .run_settings import CheckpointSettings
+    from .evaluation import CheckpointEvaluation
     from .publish import Release
     from .results import EvalResult
+    from .run_settings import CheckpointSettings
     from .samples import Sample
     from .verdicts import CheckpointVerdict
 
@@ -77,15 +76,15 @@ class DPOSession:
         self.config = config
         self.world = world
         self.worker_index = worker_index if world is None else world.local_rank
-        self.load_options = LoadOptions.of(config.settings)
-        self.checkpoints = _discover(config.checkpoints, self.load_options.allow_pickle)
+        self.checkpoints = _discover(config.checkpoints, config.settings.allow_pickle)
         self.ids = checkpoint_ids(self.checkpoints)
         self._checkpoints = dict(zip(self.ids, self.checkpoints))
         try:
             self.eval_set: EvalSet = load_eval_set(config.eval_set or "")
         except EvalSetError as error:
-            raise ConfigError(f"--dpo-eval-set / dpo_eval_set: {error}") from None
+            raise ConfigError(f"{option_spec('eval_set').both}: {error}") from None
         self.results: dict[str, EvalResult] = {}
+        self._evaluations: dict[str, CheckpointEvaluation] = {}
         self._settings: dict[str, CheckpointSettings] = {}
         self.timings: dict[str, float] = {}
         self._failures: dict[str, str] = {}
@@ -93,7 +92,7 @@ class DPOSession:
         self._baseline: EvalResult | None = None
         self.lock_status: str | None = None
         self.samples: dict[str, list[Sample]] = {}
-        self._reference_completions: dict[tuple[Any, ...], list[str]] = {}
+        self._reference_completions: dict[Any, list[str]] = {}
         self.progress: Callable[[], ContextManager[Any]] | None = None
         cache_dir = (config.cache_dir or default_cache_dir) if config.use_cache else None
         self.cache = ScoreCache(cache_dir if world is None or world.is_main else None)
@@ -111,7 +110,7 @@ class DPOSession:
             from .samples import GenerationError
 
             try:
-                config.generation.generation_config("--dpo-generation / dpo_generation")
+                config.generation.generation_config(option_spec("generation").both)
             except GenerationError as error:
                 raise ConfigError(str(error)) from None
 
@@ -127,21 +126,21 @@ class DPOSession:
         return self._check_lock(root)
 
     def _check_lock(self, root: Path) -> str:
-        from .checkpoints import tokenizer_folder
         from .lock import LockError, build_lock, check_lock
+        from .references import tokenizer_folder
 
         path = root / (self.config.lock or "")
         if path.is_dir():
             raise ConfigError(
-                f"--dpo-lock / dpo_lock: {path} is a folder. Give the lock file's path (default: dpo.lock in the "
-                "rootdir), or none to turn the lock off."
+                f"{option_spec('lock').both}: {path} is a folder. Give the lock file's path (default: "
+                f"{option_spec('lock').default} in the rootdir), or none to turn the lock off."
             )
-        first = self.checkpoints[0]
+        first = self.ids[0]
         try:
-            reference = resolve_reference(first, self.config.reference, allow_pickle=self.load_options.allow_pickle)
-        except CheckpointError:
+            reference = self.evaluation(first).reference
+        except (CheckpointError, EvaluationFailed):
             reference = None  # reported when the checkpoint is evaluated; the tokenizer may still be its own
-        tokenizer_dir = tokenizer_folder(first, reference)
+        tokenizer_dir = tokenizer_folder(self.checkpoint(first), reference)
         try:
             current = build_lock(self.eval_set, tokenizer_dir)
             current = dataclasses.replace(current, eval_set_path=_relative(Path(self.eval_set.path), root))
@@ -168,11 +167,6 @@ class DPOSession:
             self._device = choose_device(self.config.settings.device, self.worker_index)
         return self._device
 
-    def reference(self, checkpoint_id: str) -> Reference:
-        return resolve_reference(
-            self.checkpoint(checkpoint_id), self.config.reference, allow_pickle=self.load_options.allow_pickle
-        )
-
     def checkpoint_settings(self, checkpoint_id: str) -> CheckpointSettings:
         """The settings the checkpoint is scored with (its run's, unless given explicitly), with their sources.
 
@@ -191,27 +185,35 @@ class DPOSession:
         except SettingsError as error:
             raise EvaluationFailed(str(error)) from None
 
+    def evaluation(self, checkpoint_id: str) -> CheckpointEvaluation:
+        """The checkpoint's `CheckpointEvaluation` (reference, tokenizer, tokenized rows), made once.
+
+        Raises:
+            EvaluationFailed: the run's saved settings cannot be combined with the explicit ones.
+            CheckpointError: the reference cannot be resolved.
+        """
+        if checkpoint_id not in self._evaluations:
+            settings = self.checkpoint_settings(checkpoint_id).settings
+            self._evaluations[checkpoint_id] = self._evaluation_of(self.checkpoint(checkpoint_id), settings, self.world)
+        return self._evaluations[checkpoint_id]
+
+    def _evaluation_of(self, checkpoint: Checkpoint, settings: Any, world: World | None) -> CheckpointEvaluation:
+        from .evaluation import CheckpointEvaluation
+
+        settings = dataclasses.replace(settings, device=self.device)
+        return CheckpointEvaluation(checkpoint, self.eval_set, self.config.reference, settings, self.cache, world)
+
     def result(self, checkpoint_id: str) -> EvalResult:
         """The checkpoint's `EvalResult`, computed on first use; a failure is remembered and raised again."""
         if checkpoint_id in self.results:
             return self.results[checkpoint_id]
         if checkpoint_id in self._failures:
             raise EvaluationFailed(self._failures[checkpoint_id])
-        from .evaluation import evaluate_with_settings
-
         started = time.perf_counter()
         try:
-            settings = dataclasses.replace(self.checkpoint_settings(checkpoint_id).settings, device=self.device)
+            evaluation = self.evaluation(checkpoint_id)
             with self.progress() if self.progress else contextlib.nullcontext():
-                result = evaluate_with_settings(
-                    self.checkpoint(checkpoint_id),
-                    self.eval_set,
-                    self.config.reference,
-                    settings,
-                    self.cache,
-                    progress=self.progress is not None,
-                    world=self.world,
-                )
+                result = evaluation.score(progress=self.progress is not None)
         except Exception as error:
             self._failures[checkpoint_id] = f"{checkpoint_id}: evaluation failed: {type(error).__name__}: {error}"
             raise
@@ -227,38 +229,11 @@ class DPOSession:
         The reference's completions are generated once per reference and
         prompt list, so a sweep does not repeat them for every checkpoint.
         """
-        if checkpoint_id in self.samples:
-            return self.samples[checkpoint_id]
-        from .samples import generate_completions, pair_samples
-        from .tokenization import tokenize_eval_set
-
-        settings = self.checkpoint_settings(checkpoint_id).settings
-        tokenizer = self.tokenizer(checkpoint_id)
-        rows = tokenize_eval_set(
-            self.eval_set, tokenizer, settings.max_length, settings.truncation_mode, limit=self.config.samples
-        ).rows
-        prompts = [row.prompt_ids for row in rows]
-        reference = self.reference(checkpoint_id)
-        reference_key = (reference.describe(), *map(tuple, prompts))
-        model = self.load_policy(checkpoint_id)
-        try:
-            policy_texts = generate_completions(model, tokenizer, prompts, self.config.generation)
-            if reference.kind == "base" and reference_key not in self._reference_completions:
-                with model.disable_adapter():
-                    self._reference_completions[reference_key] = generate_completions(
-                        model, tokenizer, prompts, self.config.generation
-                    )
-        finally:
-            release_model(model)
-        if reference_key not in self._reference_completions:
-            model = self.load_reference(checkpoint_id)
-            try:
-                self._reference_completions[reference_key] = generate_completions(
-                    model, tokenizer, prompts, self.config.generation
-                )
-            finally:
-                release_model(model)
-        self.samples[checkpoint_id] = pair_samples(rows, tokenizer, policy_texts, self._reference_completions[reference_key])
+        if checkpoint_id not in self.samples:
+            evaluation = self.evaluation(checkpoint_id)
+            self.samples[checkpoint_id] = evaluation.samples(
+                self.config.samples, self.config.generation, self._reference_completions
+            )
         return self.samples[checkpoint_id]
 
     def _check_baseline(self) -> Checkpoint | None:
@@ -267,14 +242,14 @@ class DPOSession:
         Returns the baseline checkpoint to evaluate, or None when it is a saved report (loaded here).
         """
         path = Path(self.config.baseline or "")
-        where = "--dpo-baseline / dpo_baseline"
+        where = option_spec("baseline").both
         if not path.exists():
             raise ConfigError(
                 f"{where}: {path}: not found (resolved from {Path.cwd()}). Give the last release's checkpoint folder, "
-                "or the dpo_report.json (or its folder) that a run with --dpo-report wrote."
+                f"or the dpo_report.json (or its folder) that a run with {option_spec('report').flag} wrote."
             )
         if path.is_file() or (path / "dpo_report.json").exists():
-            from .report import ReportError, baseline_from_report
+            from .report_files import ReportError, baseline_from_report
 
             try:
                 self._baseline = baseline_from_report(path)
@@ -288,52 +263,25 @@ class DPOSession:
                 )
             return None
         try:
-            return discover_checkpoints(path, allow_pickle=self.load_options.allow_pickle)[-1]
+            return discover_checkpoints(path, allow_pickle=self.config.settings.allow_pickle)[-1]
         except CheckpointError as error:
             raise ConfigError(f"{where}: {error}") from None
 
     def baseline(self) -> EvalResult:
         """The result to compare with (`--dpo-baseline`): a checkpoint evaluated like the others, or a saved report."""
         if self._baseline is None:
-            from .evaluation import evaluate_with_settings
-
             checkpoint = self._baseline_checkpoint
-            settings = dataclasses.replace(self._resolve_settings(checkpoint).settings, device=self.device)
+            settings = self._resolve_settings(checkpoint).settings
             # Unsharded on every rank: ranks may first need the baseline at different tests, and a
             # collective needs all ranks at the same call.
-            self._baseline = evaluate_with_settings(checkpoint, self.eval_set, self.config.reference, settings, self.cache)
+            self._baseline = self._evaluation_of(checkpoint, settings, world=None).score()
         return self._baseline
-
-    def tokenizer(self, checkpoint_id: str) -> Any:
-        from .loading import load_tokenizer
-
-        return load_tokenizer(self.checkpoint(checkpoint_id), self.reference(checkpoint_id), self.load_options)[0]
-
-    def _dtype(self) -> Any:
-        from .loading import choose_dtype
-
-        return choose_dtype(self.config.settings.dtype, self.device)
-
-    def load_policy(self, checkpoint_id: str) -> Any:
-        """The checkpoint's model on the session's device (adapter checkpoints: base with adapter)."""
-        from .loading import load_policy
-
-        return load_policy(self.checkpoint(checkpoint_id), device=self.device, dtype=self._dtype(), options=self.load_options)
-
-    def load_reference(self, checkpoint_id: str) -> Any:
-        """The reference model on the session's device (for a fresh adapter: its base model)."""
-        from .loading import load_causal_lm, load_reference
-
-        reference = self.reference(checkpoint_id)
-        if reference.kind == "base":
-            return load_causal_lm(reference.path, device=self.device, dtype=self._dtype(), options=self.load_options)
-        return load_reference(reference, device=self.device, dtype=self._dtype(), options=self.load_options)
-
 
     def release(self, checkpoint_id: str, result: EvalResult, verdict: CheckpointVerdict) -> Release:
         """What publishing needs to know about a checkpoint that passed."""
-        from .checkpoints import locate, tokenizer_folder
+        from .checkpoints import locate
         from .publish import Release
+        from .references import tokenizer_folder
 
         checkpoint = self.checkpoint(checkpoint_id)
         base = checkpoint.base_model
@@ -344,7 +292,7 @@ class DPOSession:
             result=result,
             passed_tests=verdict.tests("passed"),
             eval_set_name=Path(self.eval_set.path).name,
-            tokenizer_dir=tokenizer_folder(checkpoint, self.reference(checkpoint_id)),
+            tokenizer_dir=tokenizer_folder(checkpoint, self.evaluation(checkpoint_id).reference),
             base_model=hub_base,
         )
 
@@ -354,29 +302,8 @@ def _relative(path: Path, root: Path) -> str:
     return Path(os.path.relpath(path.resolve(), root.resolve())).as_posix()
 
 
-def release_model(model: Any) -> None:
-    """Free a model's memory now, even while a test still holds a reference to the object."""
-    import torch
-
-    model.to("meta")
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 def _discover(specs: tuple[str, ...], allow_pickle: bool) -> list[Checkpoint]:
-    found: dict[Path, tuple[str, Checkpoint]] = {}
-    for spec in specs:
-        try:
-            checkpoints = discover_checkpoints(spec, allow_pickle=allow_pickle)
-        except CheckpointError as error:
-            raise ConfigError(f"--dpo-checkpoint / dpo_checkpoint: {error}") from None
-        for checkpoint in checkpoints:
-            key = checkpoint.path.resolve()
-            if key in found:
-                raise ConfigError(
-                    f"--dpo-checkpoint / dpo_checkpoint: {checkpoint.path} is given twice (through {found[key][0]!r} "
-                    f"and {spec!r}). Give each checkpoint once."
-                )
-            found[key] = (spec, checkpoint)
-    return [checkpoint for _, checkpoint in found.values()]
+    try:
+        return discover_all(specs, allow_pickle=allow_pickle)
+    except CheckpointError as error:
+        raise ConfigError(f"{option_spec('checkpoint').both}: {error}") from None

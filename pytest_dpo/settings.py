@@ -1,14 +1,16 @@
 """The evaluation settings: one dataclass, TRL's `DPOConfig` names and defaults.
 
-Every field carries its help text so the command line and (later) the pytest
-options are generated from the same source and can never disagree.
+Every field declares its help text, text parser, flag-ness and default, so the
+pytest options, the ini keys and the command line are generated from the same
+source and can never disagree.
 Importing this module is cheap: no torch.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Callable
+from dataclasses import Field, asdict, dataclass, field, fields
 from typing import Any
 
 PER_EXAMPLE_LOSS_TYPES = (
@@ -82,27 +84,6 @@ def _flag(text: str) -> bool:
     raise ValueError(text)
 
 
-_FROM_TEXT = {
-    "beta": float,
-    "loss_type": str,
-    "loss_weights": _floats,
-    "label_smoothing": float,
-    "discopop_tau": float,
-    "ld_alpha": _optional_float,
-    "f_divergence_type": str,
-    "f_alpha_divergence_coef": float,
-    "use_weighting": _flag,
-    "router_aux_loss_coef": _optional_float,
-    "max_length": _optional_int,
-    "truncation_mode": str,
-    "batch_size": int,
-    "device": _optional_str,
-    "dtype": _optional_str,
-    "device_map": _device_map,
-    "share_prompt": _flag,
-    "allow_pickle": _flag,
-    "trust_remote_code": _flag,
-}
 _EXPECTED = {
     float: "a number, e.g. 0.1",
     int: "a whole number, e.g. 8",
@@ -111,8 +92,27 @@ _EXPECTED = {
     _floats: "comma-separated numbers, e.g. 1.0,0.5",
     _flag: "true or false",
 }
-# On/off settings: flags on the command line, bool keys in the ini file.
-FLAG_SETTINGS = ("allow_pickle", "trust_remote_code")
+
+
+def value_text(value: object) -> str:
+    """A value as it is typed (`none`, `true`, `sigmoid,ipo`): the text a setting's parser reads back as `value`."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, tuple):
+        return ",".join(value_text(part) for part in value)
+    return str(value)
+
+
+def help_with_default(help: str, default_text: str | None, is_flag: bool = False) -> str:
+    """`help` showing its default: in place of `{default}` where the help names it, else as a closing
+    `(default: …)`; none for an on/off flag (off unless given) or an option without a default."""
+    if "{default}" in help:
+        return help.replace("{default}", default_text or "")
+    if is_flag or default_text is None:
+        return help
+    return f"{help} (default: {default_text})"
 
 
 @dataclass(frozen=True)
@@ -122,104 +122,135 @@ class DPOSettings:
     Names and defaults follow TRL 1.16's `DPOConfig`, so a team copies its
     training settings over unchanged. The loading flags (`allow_pickle`,
     `trust_remote_code`) are off by default and relax safety only when asked.
+
+    Each field declares everything a face needs in its metadata: `help`, `parse`
+    (text → value, `ValueError` when it cannot), `flag` (an on/off switch: a flag
+    on the command line, a bool ini key) and `default_text` (the default in
+    words, where it is chosen at run time). A help names its default as
+    `{default}`, or is followed by it. `SETTINGS` reads them.
     """
 
     beta: float = field(
         default=0.1,
-        metadata={"help": "DPO beta: rewards are beta * (policy - reference) completion log-probs."},
+        metadata={"help": "DPO beta: rewards are beta * (policy - reference) completion log-probs.", "parse": float},
     )
     loss_type: tuple[str, ...] = field(
         default=("sigmoid",),
-        metadata={"help": "TRL loss type(s) for `loss`, e.g. sigmoid, ipo, hinge; several combine with loss_weights."},
+        metadata={
+            "help": "TRL loss type(s) for `loss`, e.g. sigmoid, ipo, hinge; several combine with loss_weights.",
+            "parse": str,
+        },
     )
     loss_weights: tuple[float, ...] | None = field(
         default=None,
-        metadata={"help": "Weights of the loss types when several are combined (default: 1.0 each)."},
+        metadata={
+            "help": "Weights of the loss types when several are combined.",
+            "parse": _floats,
+            "default_text": "1.0 each",
+        },
     )
     label_smoothing: float = field(
         default=0.0,
-        metadata={"help": "Label smoothing for the robust and exo_pair losses, in [0, 0.5)."},
+        metadata={"help": "Label smoothing for the robust and exo_pair losses, in [0, 0.5).", "parse": float},
     )
     discopop_tau: float = field(
         default=0.05,
-        metadata={"help": "Temperature of the discopop loss."},
+        metadata={"help": "Temperature of the discopop loss.", "parse": float},
     )
     ld_alpha: float | None = field(
         default=None,
         metadata={
             "help": "Alpha of the LD-DPO paper, the weight of the verbose token log-probabilities (beyond the shorter "
             "completion's length), in [0, 1]: 1.0 applies no weighting, 0.0 masks the tokens beyond the shared "
-            "length; None: standard DPO."
+            "length; None: standard DPO.",
+            "parse": _optional_float,
         },
     )
     f_divergence_type: str = field(
         default="reverse_kl",
         metadata={
-            "help": "f-divergence regularizer between policy and reference (f-DPO paper): reverse_kl (default), "
+            "help": "f-divergence regularizer between policy and reference (f-DPO paper): {default} (default), "
             "forward_kl, js_divergence, alpha_divergence. Only the loss types built on the chosen-rejected reward "
             "difference support a non-default value: sigmoid, sigmoid_norm, hinge, ipo, exo_pair, robust, discopop, "
-            "sft."
+            "sft.",
+            "parse": str,
         },
     )
     f_alpha_divergence_coef: float = field(
         default=0.5,
         metadata={
             "help": "Alpha coefficient of the alpha-divergence u^-alpha regularizer, used only when f_divergence_type "
-            "is alpha_divergence."
+            "is alpha_divergence.",
+            "parse": float,
         },
     )
     use_weighting: bool = field(
         default=False,
         metadata={
             "help": "WPO-style weighting of the preference pairs by the policy's length-normalized sequence "
-            "probabilities."
+            "probabilities.",
+            "parse": _flag,
         },
     )
     router_aux_loss_coef: float | None = field(
         default=None,
         metadata={
             "help": "Weight of a mixture-of-experts policy's load-balancing loss (aux_loss), added to loss; None: "
-            "the coefficient the model config declares; 0.0 leaves it out. Only for models that return router logits."
+            "the coefficient the model config declares; 0.0 leaves it out. Only for models that return router logits.",
+            "parse": _optional_float,
         },
     )
     max_length: int | None = field(
         default=1024,
-        metadata={"help": "Maximum tokens of prompt + completion; longer sequences are truncated (None: no limit)."},
+        metadata={
+            "help": "Maximum tokens of prompt + completion; longer sequences are truncated (None: no limit).",
+            "parse": _optional_int,
+        },
     )
     truncation_mode: str = field(
         default="keep_start",
-        metadata={"help": "keep_start (TRL default) or keep_end."},
+        metadata={"help": "{default} (TRL default) or keep_end.", "parse": str},
     )
     batch_size: int = field(
         default=8,
-        metadata={"help": "Preference rows per forward pass (each row is scored as a chosen and a rejected sequence)."},
+        metadata={
+            "help": "Preference rows per forward pass (each row is scored as a chosen and a rejected sequence).",
+            "parse": int,
+        },
     )
     device: str | None = field(
         default=None,
-        metadata={"help": "torch device for the models (default: cuda if available, else cpu)."},
+        metadata={
+            "help": "torch device for the models.",
+            "parse": _optional_str,
+            "default_text": "cuda if available, else cpu",
+        },
     )
     dtype: str | None = field(
         default=None,
         metadata={
             "help": "float32, bfloat16 or float16: the weights loaded in that dtype; autocast-bfloat16 or "
             "autocast-float16: float32 weights run under torch.autocast, as TRL's DPOConfig(bf16=True) (its default) "
-            "or DPOConfig(fp16=True) evaluates a float32 model (default: bfloat16 on CUDA devices that support it, "
-            "else float32)."
+            "or DPOConfig(fp16=True) evaluates a float32 model.",
+            "parse": _optional_str,
+            "default_text": "bfloat16 on CUDA devices that support it, else float32",
         },
     )
     device_map: str | None = field(
         default=None,
         metadata={
             "help": "auto (or balanced, balanced_low_0, sequential): shard each model over all visible GPUs with "
-            "accelerate's big-model loading, for models larger than one GPU; needs accelerate (default: the whole "
-            "model on the chosen device)."
+            "accelerate's big-model loading, for models larger than one GPU; needs accelerate.",
+            "parse": _device_map,
+            "default_text": "the whole model on the chosen device",
         },
     )
     share_prompt: bool = field(
         default=True,
         metadata={
             "help": "run each row's prompt once and score both completions from its KV cache (true); false runs "
-            "prompt + completion twice, as TRL does. Same numbers up to float rounding."
+            "prompt + completion twice, as TRL does. Same numbers up to float rounding.",
+            "parse": _flag,
         },
     )
     allow_pickle: bool = field(
@@ -227,14 +258,18 @@ class DPOSettings:
         metadata={
             "help": "also load weights stored only as pickle (pytorch_model.bin, adapter_model.bin), which can run "
             "arbitrary code when loaded; accept that risk only for checkpoints you trust (TRL's training_args.bin is "
-            "never loaded)."
+            "never loaded).",
+            "parse": _flag,
+            "flag": True,
         },
     )
     trust_remote_code: bool = field(
         default=False,
         metadata={
             "help": "run the Python code a checkpoint, reference or tokenizer ships (auto_map in config.json or "
-            "tokenizer_config.json); only for repos you trust."
+            "tokenizer_config.json); only for repos you trust.",
+            "parse": _flag,
+            "flag": True,
         },
     )
 
@@ -367,14 +402,46 @@ class DPOSettings:
         """
         parsed: dict[str, Any] = {}
         for name, text in values.items():
+            parse = SETTINGS_BY_NAME[name].parse
             try:
-                parsed[name] = _FROM_TEXT[name](text)
+                parsed[name] = parse(text)
             except ValueError:
-                expected = _EXPECTED.get(_FROM_TEXT[name], "a value")
+                expected = _EXPECTED.get(parse, "a value")
                 raise SettingsError(name, f"cannot read {text!r} as a value for {name}: give {expected}.") from None
         return cls(**parsed)
 
+
+@dataclass(frozen=True)
+class Setting:
+    """One `DPOSettings` field as the faces (pytest options, ini keys, the command line) declare it.
+
+    Attributes:
+        name (`str`): the field name, e.g. `max_length`.
+        help (`str`): what the setting does; `{default}` where it names its default (`help_with_default`).
+        default (`Any`): the field's default value.
+        parse (`Callable[[str], Any]`): text → value; raises `ValueError` on text it cannot read.
+        is_flag (`bool`): an on/off switch, given without a value on the command line.
+        default_text (`str`): the default as the user reads it: typed (`0.1`, `none`, `sigmoid`), or in words
+            where it is chosen at run time (`cuda if available, else cpu`); `off` for a flag.
+    """
+
+    name: str
+    help: str
+    default: Any
+    parse: Callable[[str], Any]
+    is_flag: bool
+    default_text: str
+
     @classmethod
-    def help_texts(cls) -> dict[str, str]:
-        """Help text of each setting, keyed by field name."""
-        return {f.name: f.metadata["help"] for f in fields(cls)}
+    def of(cls, declared: Field[Any]) -> Setting:
+        is_flag = declared.metadata.get("flag", False)
+        default_text = declared.metadata.get("default_text") or ("off" if is_flag else value_text(declared.default))
+        return cls(declared.name, declared.metadata["help"], declared.default, declared.metadata["parse"], is_flag, default_text)
+
+    @property
+    def help_with_default(self) -> str:
+        return help_with_default(self.help, self.default_text, self.is_flag)
+
+
+SETTINGS: tuple[Setting, ...] = tuple(Setting.of(declared) for declared in fields(DPOSettings))
+SETTINGS_BY_NAME = {setting.name: setting for setting in SETTINGS}

@@ -19,9 +19,14 @@ _SPELLINGS = {
 _face: ContextVar[str] = ContextVar("pytest_dpo_face", default="pytest")
 
 
+def spelled(name: str, face: str) -> str:
+    """How `face` (`pytest`, `cli` or `python`) spells the setting or option `name` (a field name, e.g. `max_length`)."""
+    return _SPELLINGS[face].format(dashed=name.replace("_", "-"), name=name)
+
+
 def option(name: str) -> str:
     """The current face's spelling of the setting `name` (a settings field name, e.g. `max_length`)."""
-    return _SPELLINGS[_face.get()].format(dashed=name.replace("_", "-"), name=name)
+    return spelled(name, _face.get())
 
 
 def flag(name: str) -> str:

@@ -27,6 +27,11 @@ class TokenizedRow:
     chosen_ids: list[int]
     rejected_ids: list[int]
 
+    def length(self, max_length: int | None = None) -> int:
+        """Tokens of the row's longer sequence (prompt + completion), at most `max_length`."""
+        full = len(self.prompt_ids) + max(len(self.chosen_ids), len(self.rejected_ids))
+        return full if max_length is None else min(full, max_length)
+
 
 @dataclass(frozen=True)
 class TokenizedEvalSet:
@@ -61,7 +66,7 @@ def check_tokenizer(tokenizer: Any, eval_set: EvalSet, tokenizer_source: str) ->
 
 
 def tokenize_eval_set(
-    eval_set: EvalSet, tokenizer: Any, max_length: int | None, truncation_mode: str, limit: int | None = None
+    eval_set: EvalSet, tokenizer: Any, max_length: int | None, truncation_mode: str
 ) -> TokenizedEvalSet:
     """Tokenize every row exactly as TRL 1.16 `DPOTrainer._prepare_dataset` does.
 
@@ -71,13 +76,10 @@ def tokenize_eval_set(
     conversations, with the row's `tools` and `chat_template_kwargs`); split at the common prefix of the tokenized prompt and
     both full sequences; drop rows whose prompt alone fills `max_length`
     (with `keep_start` truncation). Truncation of the remaining sequences
-    happens when they are batched, as in TRL's collator. With `limit`, stop
-    once that many rows are kept (the rest are not tokenized).
+    happens when they are batched, as in TRL's collator.
     """
     scored, dropped = [], []
     for index, row in enumerate(eval_set.rows):
-        if limit is not None and len(scored) >= limit:
-            break
         prompt_ids, chosen_ids, rejected_ids = _tokenized_or_refused(eval_set, index, tokenizer)
         if max_length is not None and truncation_mode == "keep_start" and len(prompt_ids) >= max_length:
             dropped.append(index)

@@ -1,7 +1,8 @@
 """Per-checkpoint verdicts: which DPO tests passed, failed, errored or never ran, and the pass rule.
 
-Plain data, mergeable across pytest-xdist workers (`to_json` / `merge_json`).
-No pytest, no models, no files.
+Plain data, mergeable across pytest-xdist workers (`to_json` / `merge_json`). A verdict
+also knows which of its tests are built-in gates and which gate each checks, so nothing
+downstream has to read that back out of a node id. No pytest, no models, no files.
 """
 
 from __future__ import annotations
@@ -13,6 +14,16 @@ PASSED, FAILED, ERROR, SKIPPED = "passed", "failed", "error", "skipped"
 _BAD = (FAILED, ERROR)
 
 
+def gate_nodeid(checkpoint_id: str, gate: str) -> str:
+    """The node id of the built-in gate item checking `gate` (its text) for a checkpoint.
+
+    Example:
+        >>> gate_nodeid("checkpoint-500", "rewards/accuracies >= 0.6 @95%")
+        'dpo-gate[checkpoint-500: rewards/accuracies >= 0.6 @95%]'
+    """
+    return f"dpo-gate[{checkpoint_id}: {gate}]"
+
+
 @dataclass
 class CheckpointVerdict:
     """The outcome of one checkpoint's DPO tests.
@@ -21,12 +32,16 @@ class CheckpointVerdict:
     none failed, errored or was left unrun (cut short by `-x`, `--maxfail`,
     Ctrl-C or a crashed worker), and nothing else went wrong (`problems`).
     Skipped tests count neither way.
+
+    `gates` maps the node id of each built-in gate item to the text of the gate it
+    checks, e.g. `rewards/accuracies >= 0.6 @95%`; other tests are not in it.
     """
 
     checkpoint: str
     expected: set[str] = field(default_factory=set)
     outcomes: dict[str, str] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
+    gates: dict[str, str] = field(default_factory=dict)
 
     @property
     def not_run(self) -> list[str]:
@@ -78,9 +93,12 @@ class Verdicts:
     def __iter__(self):  # type: ignore[no-untyped-def]
         return iter(self._verdicts.values())
 
-    def expect(self, checkpoint: str, nodeid: str) -> None:
-        """Register a DPO test of `checkpoint` that is meant to run."""
-        self._verdicts[checkpoint].expected.add(nodeid)
+    def expect(self, checkpoint: str, nodeid: str, gate: str | None = None) -> None:
+        """Register a DPO test of `checkpoint` that is meant to run; `gate` is the gate's text for a gate item."""
+        verdict = self._verdicts[checkpoint]
+        verdict.expected.add(nodeid)
+        if gate is not None:
+            verdict.gates[nodeid] = gate
 
     def record(self, checkpoint: str, nodeid: str, when: str, outcome: str) -> None:
         """Fold one phase report (`setup`/`call`/`teardown`, `passed`/`failed`/`skipped`) into the test's outcome."""
@@ -101,15 +119,16 @@ class Verdicts:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            name: {"expected": sorted(v.expected), "outcomes": v.outcomes, "problems": v.problems}
+            name: {"expected": sorted(v.expected), "outcomes": v.outcomes, "problems": v.problems, "gates": v.gates}
             for name, v in self._verdicts.items()
         }
 
     def merge_json(self, data: dict[str, Any]) -> None:
-        """Merge what a worker recorded: expected tests unite; a bad outcome wins over a good one."""
+        """Merge what a worker recorded: expected tests and gates unite; a bad outcome wins over a good one."""
         for name, record in data.items():
             verdict = self._verdicts.setdefault(name, CheckpointVerdict(name))
             verdict.expected.update(record["expected"])
+            verdict.gates.update(record["gates"])
             for nodeid, outcome in record["outcomes"].items():
                 if verdict.outcomes.get(nodeid) not in _BAD:
                     verdict.outcomes[nodeid] = outcome

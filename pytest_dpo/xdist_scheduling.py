@@ -15,18 +15,28 @@ from typing import Any
 import pytest
 from xdist.scheduler.loadscope import LoadScopeScheduling
 
+from .verdicts import gate_nodeid
+
 
 class CheckpointScheduling(LoadScopeScheduling):
-    """`LoadScopeScheduling` whose scope of a DPO test is its checkpoint."""
+    """`LoadScopeScheduling` whose scope of a DPO test is its checkpoint.
 
-    def __init__(self, config: pytest.Config, log: Any, checkpoint_ids: Sequence[str]) -> None:
+    The controller never collects, so it knows tests by node id only: a gate item by
+    the exact node id `gate_nodeid` gives it, a parametrized test by its param id.
+    """
+
+    def __init__(self, config: pytest.Config, log: Any, checkpoint_ids: Sequence[str], gates: Sequence[str]) -> None:
         super().__init__(config, log)
-        # Longest first, so `checkpoint-20` is never taken for `checkpoint-2`.
+        self._gate_checkpoints = {
+            gate_nodeid(checkpoint_id, gate): checkpoint_id for checkpoint_id in checkpoint_ids for gate in gates
+        }
+        # pytest writes a test's param ids in brackets, joined by `-`; longest id first, so that
+        # `test[checkpoint-20]` is never taken for `checkpoint-2`.
         ordered = sorted(checkpoint_ids, key=len, reverse=True)
-        self._patterns = [(cid, re.compile(rf"(?:\[|-){re.escape(cid)}(?:\]|-|: )")) for cid in ordered]
+        self._param_patterns = [(cid, re.compile(rf"[\[-]{re.escape(cid)}[\]-]")) for cid in ordered]
 
     def _split_scope(self, nodeid: str) -> str:
-        for checkpoint_id, pattern in self._patterns:
-            if pattern.search(nodeid):
-                return f"dpo-checkpoint:{checkpoint_id}"
-        return nodeid
+        checkpoint_id = self._gate_checkpoints.get(nodeid) or next(
+            (cid for cid, pattern in self._param_patterns if pattern.search(nodeid)), None
+        )
+        return nodeid if checkpoint_id is None else f"dpo-checkpoint:{checkpoint_id}"

@@ -109,17 +109,21 @@ class Case(NamedTuple):
     threshold: float  # passed by good_result, failed by bad_result
     worst_rows: list[int]  # of bad_result, worst first
     next_row: int  # the 4th worst, which must not be listed
+    ranking: str  # the end and metric whose per-example values rank the rows
 
     def __str__(self) -> str:
         return self.metric
 
 
 CASES = [
-    Case(lambda result, t: assert_margin_positive(result, at_least=t), "rewards/margins", 0.0, [6, 4, 1], 3),
-    Case(assert_accuracy_above, "rewards/accuracies", 0.5, [6, 4, 1], 3),
-    Case(assert_loss_below, "loss", 1.0, [4, 7, 3], 6),
-    Case(assert_chosen_reward_above, "rewards/chosen", 0.5, [3, 1, 6], 0),
-    Case(assert_rejected_reward_below, "rewards/rejected", 0.0, [4, 6, 7], 1),
+    Case(
+        lambda result, t: assert_margin_positive(result, at_least=t),
+        "rewards/margins", 0.0, [6, 4, 1], 3, "lowest rewards/margins",
+    ),
+    Case(assert_accuracy_above, "rewards/accuracies", 0.5, [6, 4, 1], 3, "lowest rewards/margins"),
+    Case(assert_loss_below, "loss", 1.0, [4, 7, 3], 6, "highest loss"),
+    Case(assert_chosen_reward_above, "rewards/chosen", 0.5, [3, 1, 6], 0, "lowest rewards/chosen"),
+    Case(assert_rejected_reward_below, "rewards/rejected", 0.0, [4, 6, 7], 1, "highest rewards/rejected"),
 ]
 parametrize_cases = pytest.mark.parametrize("case", CASES, ids=str)
 
@@ -155,12 +159,12 @@ def test_failure_names_metric_value_threshold_size_and_checkpoint(case: Case, ba
 @parametrize_cases
 def test_failure_lists_exactly_the_three_worst_rows_in_order(case: Case, bad_result: EvalResult) -> None:
     message = failure_message(lambda: case.check(bad_result, case.threshold))
-    assert re.search(r"^worst 3 of 6 by (lowest|highest) ", message, flags=re.MULTILINE)
+    assert message.splitlines()[1] == f"worst 3 of 6 by {case.ranking}:"
     assert listed_rows(message) == case.worst_rows
     assert f"row {case.next_row} " not in message
     position = BAD_ROWS.index(case.worst_rows[0])
     chosen, rejected = BAD_CHOSEN[position], BAD_REJECTED[position]
-    pattern = rf"margin +{chosen - rejected:.4g}  chosen +{chosen:.4g}  rejected +{rejected:.4g}$"
+    pattern = rf"margins +{chosen - rejected:.4g}  chosen +{chosen:.4g}  rejected +{rejected:.4g}$"
     assert re.search(pattern, message.splitlines()[2])
 
 
@@ -295,7 +299,7 @@ def test_pytest_shows_the_message_unchanged_and_hides_the_helper_frames(
     assert expected[0] == (
         "checkpoint-6: rewards/accuracies = 0.3333 is not above 0.9 (N=6 rows scored, 2 dropped)"
     )
-    assert expected[1] == "worst 3 of 6 by lowest margin:"
+    assert expected[1] == "worst 3 of 6 by lowest rewards/margins:"
     error_line = next(line for line in outcome.stdout.lines if "AssertionError: " in line)
     indent = error_line[: error_line.index("AssertionError: ")]
     assert indent.strip() == "E"

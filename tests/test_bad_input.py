@@ -32,7 +32,8 @@ from pytest_dpo import assert_margin_positive, evaluate, publish
 from pytest_dpo.config import ALL_OPTIONS
 from pytest_dpo.evalset import load_eval_set
 from pytest_dpo.checkpoints import discover_checkpoints
-from pytest_dpo.report import build_report, eval_set_record, per_example_of, report_entry, write_report
+from pytest_dpo.report import build_report, eval_set_record, per_example_of, report_entry
+from pytest_dpo.report_files import write_report
 from pytest_dpo.verdicts import Verdicts
 
 from .fixture_paths import BASE, EVAL_CONVERSATIONAL, EVAL_STANDARD, FULL_RUN, LORA_RUN

@@ -15,7 +15,9 @@ import transformers  # noqa: F401
 
 from pytest_dpo import cache as cache_module
 from pytest_dpo.cache import CACHE_FORMAT, ScoreCache, cache_key
-from pytest_dpo.evaluation import evaluate_with_settings
+from pytest_dpo.checkpoints import discover_checkpoints
+from pytest_dpo.evalset import load_eval_set
+from pytest_dpo.evaluation import CheckpointEvaluation
 from pytest_dpo.settings import DPOSettings
 
 from .fixture_paths import BASE, EVAL_STANDARD, FULL_RUN, LORA_RUN
@@ -28,7 +30,8 @@ OLD_FORMAT_MISSING = (
 
 
 def run(checkpoint: Path, cache: ScoreCache, eval_set: Path = EVAL_STANDARD, reference: Path | None = BASE, **settings: object):
-    return evaluate_with_settings(checkpoint, eval_set, reference, DPOSettings(**settings), cache)
+    [found] = discover_checkpoints(checkpoint)
+    return CheckpointEvaluation(found, load_eval_set(eval_set), reference, DPOSettings(**settings), cache).score()
 
 
 def test_second_evaluation_reads_both_models_from_the_cache_and_gives_the_same_numbers(tmp_path: Path) -> None:

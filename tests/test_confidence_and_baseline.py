@@ -26,8 +26,10 @@ def test_confidence_gate_passes_on_the_estimate_but_fails_on_its_bound(pytester:
         [
             "dpo-gate[[]checkpoint-4: rewards/accuracies >= 0.6[]] PASSED*",
             "dpo-gate[[]checkpoint-4: rewards/accuracies >= 0.6 @95%[]] FAILED*",
-            "checkpoint-4: gate failed: rewards/accuracies = 0.666667, required >= 0.6 for the 95% lower bound; "
-            "interval 0.6667 [[]0.4*, 0.8*[]] (95% Wilson)",
+            (
+                "checkpoint-4: gate failed: rewards/accuracies = 0.6667, but its 95% lower bound 0.4* is not at least "
+                "0.6; interval 0.6667 [[]0.4*, 0.8*[]] (95% Wilson) (N=24 rows scored)"
+            ),
         ]
     )
 

@@ -14,9 +14,9 @@ from pytest_dpo.checkpoints import (
     checkpoint_ids,
     discover_checkpoints,
     fingerprint,
-    resolve_reference,
 )
 from pytest_dpo.loading import choose_device, choose_dtype
+from pytest_dpo.references import resolve_reference
 from pytest_dpo.spelling import spelled_for
 
 from .fixture_paths import BASE, FULL_RUN, LORA_RUN, PROMPT_TUNING_RUN
@@ -25,7 +25,7 @@ from .fixture_paths import BASE, FULL_RUN, LORA_RUN, PROMPT_TUNING_RUN
 def test_checkpoints_module_imports_no_heavy_library() -> None:
     """Discovery, fingerprints and reference resolution stay standard-library only: no torch & co. on import."""
     code = (
-        "import pytest_dpo.checkpoints, sys; "
+        "import pytest_dpo.checkpoints, pytest_dpo.references, sys; "
         "heavy = {'torch', 'transformers', 'peft', 'safetensors'} & set(sys.modules); "
         "assert not heavy, heavy"
     )

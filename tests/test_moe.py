@@ -26,7 +26,7 @@ from pytest_dpo.gates import GateError, parse_gate
 from pytest_dpo.metrics import load_balancing_loss, router_aux_loss
 from pytest_dpo.metric_table import METRIC_NAMES, MOE_METRICS
 from pytest_dpo.moe import RouterSetup, routing_sums
-from pytest_dpo.report import metrics_table
+from pytest_dpo.report_terminal import metrics_table
 from pytest_dpo.results import ROUTER_FIELDS, SequenceScores
 from pytest_dpo.scoring import score
 from pytest_dpo.settings import SettingsError

@@ -124,7 +124,9 @@ def test_helpers_and_gates_take_the_interval_method(pytester: pytest.Pytester) -
         assert_margin_positive(result, confidence=0.95, method="wald")
     pytester.makeini("[pytest]\ndpo_gates =\n    rewards/margins > 0 @95% bootstrap\n")
     run = pytester.runpytest(f"--dpo-checkpoint={FULL_RUN / 'checkpoint-4'}", f"--dpo-reference={BASE}", f"--dpo-eval-set={EVAL_STANDARD}")
-    run.stdout.fnmatch_lines(["*checkpoint-4: gate failed: rewards/margins = 0.40*lower bound; interval *(95% bootstrap)"])
+    run.stdout.fnmatch_lines(
+        ["*checkpoint-4: gate failed: rewards/margins = 0.40*, but its 95% lower bound * is not above 0; interval *(95% bootstrap) (N=24 rows scored)"]
+    )
 
 
 def test_an_unknown_interval_method_in_a_gate_is_a_usage_error(pytester: pytest.Pytester) -> None:

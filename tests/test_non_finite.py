@@ -10,7 +10,8 @@ import torch
 from pytest_dpo import evaluate
 from pytest_dpo.metrics import aggregate
 from pytest_dpo.checkpoints import discover_checkpoints
-from pytest_dpo.report import build_report, render_markdown, report_entry
+from pytest_dpo.report import build_report, report_entry
+from pytest_dpo.report_markdown import render_markdown
 from pytest_dpo.verdicts import Verdicts
 
 from .fixture_paths import BASE, EVAL_STANDARD, FULL_RUN

@@ -142,7 +142,7 @@ def test_ini_gates_become_one_item_per_gate_per_checkpoint(pytester: pytest.Pyte
             "dpo-gate[[]checkpoint-6: rewards/margins > 0[]] PASSED*",
         ]
     )
-    result.stdout.fnmatch_lines(["checkpoint-2: gate failed: rewards/margins = -0.00*, required > 0"])
+    result.stdout.fnmatch_lines(["checkpoint-2: gate failed: rewards/margins = -0.00* is not above 0 (N=24 rows scored)"])
     result.assert_outcomes(passed=4, failed=2)
     assert [v["passed"] for v in read_verdicts(pytester).values()] == [False, True, True]
 

@@ -12,31 +12,37 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import jsonschema
-import torch
 import pytest
+import torch
 from PIL import Image, ImageStat
 
 from pytest_dpo.__main__ import main
+from pytest_dpo.metric_table import PER_EXAMPLE_METRICS, SUMMARY_METRICS
 from pytest_dpo.report import (
+    ReportEntry,
+    build_report,
+    metric_intervals,
+    per_example_of,
+    report_entry,
+    verdict_record,
+)
+from pytest_dpo.report_files import (
     PER_EXAMPLE_FILE,
     PLOT_FILE,
     PLOT_SKIPPED,
-    REPORT_FILE,
+    REPORT_JSON_FILE,
     REPORT_SCHEMA_PATH,
     SUMMARY_FILE,
-    ReportEntry,
-    build_report,
-    metrics_table,
-    per_example_of,
-    render_markdown,
-    render_plot,
-    report_entry,
+    baseline_from_report,
+    load_report,
     report_schema,
-    verdict_record,
-    verdict_table,
     write_report,
 )
-from pytest_dpo.verdicts import Verdicts
+from pytest_dpo.report_markdown import render_markdown
+from pytest_dpo.report_plot import _PANELS, render_plot
+from pytest_dpo.report_terminal import metrics_table, verdict_table
+from pytest_dpo.results import PerExample
+from pytest_dpo.verdicts import Verdicts, gate_nodeid
 
 GATES = ["rewards/accuracies >= 0.6", "rewards/margins > 0"]
 EVAL_SET = {"path": "data/eval.jsonl", "name": "eval.jsonl", "sha256": "ab12" * 16, "rows": 8, "format": "standard"}
@@ -61,16 +67,19 @@ def metrics(margin: float, accuracy: float, loss: float) -> dict[str, float]:
     }
 
 
-def node_ids(checkpoint: str, failed_gate: str | None = None) -> dict[str, list[str]]:
-    gate_ids = [f"dpo-gate[{checkpoint}: {gate}]" for gate in GATES]
-    failed = [f"dpo-gate[{checkpoint}: {failed_gate}]"] if failed_gate else []
-    return {
+def verdict(checkpoint: str, failed_gate: str | None = None) -> dict:
+    """A verdict record whose gates all passed but `failed_gate`."""
+    gate_ids = [gate_nodeid(checkpoint, gate) for gate in GATES]
+    failed = [gate_nodeid(checkpoint, failed_gate)] if failed_gate else []
+    tests = {
         "passed": [f"tests/test_dpo.py::test_margin[{checkpoint}]"] + [g for g in gate_ids if g not in failed],
         "failed": failed,
         "error": [],
         "skipped": [],
         "not_run": [],
     }
+    gates = {gate_nodeid(checkpoint, gate): gate for gate in GATES}
+    return {"passed": not failed, "summary": "1 failed" if failed else "passed", "tests": tests, "gates": gates}
 
 
 def make_entries() -> list[ReportEntry]:
@@ -78,19 +87,19 @@ def make_entries() -> list[ReportEntry]:
     return [
         ReportEntry(
             id="checkpoint-2", path="run/checkpoint-2", step=2, kind="model",
-            verdict={"passed": False, "summary": "1 failed", "tests": node_ids("checkpoint-2", "rewards/margins > 0")},
+            verdict=verdict("checkpoint-2", "rewards/margins > 0"),
             metrics=metrics(-0.0123, 0.625, 0.7012), scored_rows=8, dropped_rows=[], evaluate_seconds=1.5,
             per_example=per_example,
         ),
         ReportEntry(
             id="checkpoint-4", path="run/checkpoint-4", step=4, kind="model",
-            verdict={"passed": True, "summary": "passed", "tests": node_ids("checkpoint-4")},
+            verdict=verdict("checkpoint-4"),
             metrics=metrics(0.21, 0.75, 0.59), scored_rows=7, dropped_rows=[5], evaluate_seconds=1.25,
             per_example=per_example,
         ),
         ReportEntry(
             id="checkpoint-6", path="run/checkpoint-6", step=6, kind="adapter",
-            verdict={"passed": True, "summary": "passed", "tests": node_ids("checkpoint-6")},
+            verdict=verdict("checkpoint-6"),
             metrics=metrics(0.48, 0.875, 0.45), scored_rows=8, evaluate_seconds=None,
             intervals={
                 "rewards/accuracies": {"low": 0.53, "high": 0.98, "confidence": 0.95, "method": "wilson"},
@@ -117,8 +126,8 @@ def written(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path]]
 
 def test_report_is_strict_json_that_matches_the_schema(written: tuple[Path, list[Path]]) -> None:
     directory, paths = written
-    assert paths == [directory / name for name in (REPORT_FILE, PER_EXAMPLE_FILE, SUMMARY_FILE, PLOT_FILE)]
-    text = (directory / REPORT_FILE).read_text()
+    assert paths == [directory / name for name in (REPORT_JSON_FILE, PER_EXAMPLE_FILE, SUMMARY_FILE, PLOT_FILE)]
+    text = (directory / REPORT_JSON_FILE).read_text()
     report = json.loads(text, parse_constant=lambda constant: pytest.fail(f"non-strict JSON: {constant}"))
     jsonschema.Draft202012Validator.check_schema(report_schema())
     jsonschema.validate(report, report_schema(), cls=jsonschema.Draft202012Validator)
@@ -129,6 +138,7 @@ def test_report_is_strict_json_that_matches_the_schema(written: tuple[Path, list
     assert first["metrics"]["entropy"] is None
     assert first["metrics"]["rewards/margins"] == -0.0123
     assert first["verdict"]["tests"]["failed"] == ["dpo-gate[checkpoint-2: rewards/margins > 0]"]
+    assert first["verdict"]["gates"]["dpo-gate[checkpoint-2: rewards/margins > 0]"] == "rewards/margins > 0"
     assert second["dropped_rows"] == [5] and second["timings"] == {"evaluate_seconds": 1.25}
     assert third["kind"] == "adapter" and third["timings"] == {"evaluate_seconds": None}
     assert third["intervals"]["rewards/accuracies"]["method"] == "wilson"
@@ -157,6 +167,9 @@ def test_markdown_has_a_row_per_checkpoint_and_says_why_one_was_held_back() -> N
     assert [row.split(" | ")[0] for row in rows] == ["| checkpoint-2", "| checkpoint-4", "| checkpoint-6"]
     assert [row.rsplit(" | ", 1)[1] for row in rows] == ["❌ failed |", "✅ passed |", "✅ passed |"]
     assert "| -0.0123 |" in rows[0] and "| 0.6250 |" in rows[0]
+    assert "| 0.4800 [0.10, 0.86] | 0.8750 [0.53, 0.98] |" in rows[2]
+    assert "| checkpoint | step | loss | rewards/margins | rewards/accuracies | rewards/chosen | rewards/rejected |" in markdown
+    assert "Brackets: confidence intervals, 95% bootstrap for rewards/margins; 95% wilson for rewards/accuracies." in markdown
     assert "`eval.jsonl`: 8 rows, standard, sha256 `ab12ab12ab12`" in markdown
     assert "beta=0.1, loss_type=sigmoid, loss_weights=none, max_length=1024" in markdown
     assert "## ❌ checkpoint-2 held back: 1 failed" in markdown
@@ -175,11 +188,12 @@ def test_markdown_samples_stay_in_their_cells() -> None:
 
 def test_markdown_lists_tests_that_failed_errored_or_never_ran() -> None:
     verdicts = Verdicts(["final"])
-    for nodeid in ("t::a[final]", "t::b[final]", "t::c[final]", "dpo-gate[final: loss < 0.5]"):
+    for nodeid in ("t::a[final]", "t::b[final]", "t::c[final]"):
         verdicts.expect("final", nodeid)
+    verdicts.expect("final", gate_nodeid("final", "loss < 0.5"), gate="loss < 0.5")
     verdicts.record("final", "t::a[final]", "call", "failed")
     verdicts.record("final", "t::b[final]", "setup", "failed")
-    verdicts.record("final", "dpo-gate[final: loss < 0.5]", "call", "failed")
+    verdicts.record("final", gate_nodeid("final", "loss < 0.5"), "call", "failed")
     entry = ReportEntry(id="final", path="run", step=None, kind="model", verdict=verdict_record(verdicts["final"]),
                         metrics={"loss": math.nan}, scored_rows=8)
     report = build_report([entry], eval_set=EVAL_SET, gates=["loss < 0.5"], settings={}, versions={})
@@ -229,7 +243,7 @@ def test_without_matplotlib_the_plot_is_skipped_with_one_line(
     for name in ("matplotlib", "matplotlib.figure", "matplotlib.backends.backend_agg"):
         monkeypatch.setitem(sys.modules, name, None)
     paths = write_report(tmp_path, make_report(), {})
-    assert [path.name for path in paths] == [REPORT_FILE, PER_EXAMPLE_FILE, SUMMARY_FILE]
+    assert [path.name for path in paths] == [REPORT_JSON_FILE, PER_EXAMPLE_FILE, SUMMARY_FILE]
     assert not (tmp_path / PLOT_FILE).exists()
     assert capsys.readouterr().out == PLOT_SKIPPED + "\n"
     assert PLOT_SKIPPED == "plot skipped: install pytest-dpo[plots] (matplotlib) to get dpo_metrics.png"
@@ -237,7 +251,7 @@ def test_without_matplotlib_the_plot_is_skipped_with_one_line(
 
 
 def test_cli_rerenders_summary_and_plot_from_the_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    (tmp_path / REPORT_FILE).write_text(json.dumps(make_report()))
+    (tmp_path / REPORT_JSON_FILE).write_text(json.dumps(make_report()))
     assert main(["report", str(tmp_path)]) == 0
     assert render_markdown(make_report()) == (tmp_path / SUMMARY_FILE).read_text()
     with Image.open(tmp_path / PLOT_FILE) as image:
@@ -247,10 +261,10 @@ def test_cli_rerenders_summary_and_plot_from_the_json(tmp_path: Path, capsys: py
 
 def test_cli_refuses_another_schema_version(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     report = make_report() | {"schema": 2}
-    (tmp_path / REPORT_FILE).write_text(json.dumps(report))
+    (tmp_path / REPORT_JSON_FILE).write_text(json.dumps(report))
     assert main(["report", str(tmp_path)]) == 2
     error = capsys.readouterr().err
-    assert str(tmp_path / REPORT_FILE) in error
+    assert str(tmp_path / REPORT_JSON_FILE) in error
     assert "report schema version 2 (written by pytest-dpo 0.1.0)" in error
     assert "reads schema version 1" in error
     assert not (tmp_path / SUMMARY_FILE).exists()
@@ -258,10 +272,10 @@ def test_cli_refuses_another_schema_version(tmp_path: Path, capsys: pytest.Captu
 
 def test_cli_names_a_missing_or_malformed_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["report", str(tmp_path)]) == 2
-    assert f"error: {tmp_path / REPORT_FILE}: no such file" in capsys.readouterr().err
+    assert f"error: {tmp_path / REPORT_JSON_FILE}: no such file" in capsys.readouterr().err
     report = make_report()
     del report["checkpoints"][1]["verdict"]
-    (tmp_path / REPORT_FILE).write_text(json.dumps(report))
+    (tmp_path / REPORT_JSON_FILE).write_text(json.dumps(report))
     assert main(["report", str(tmp_path)]) == 2
     error = capsys.readouterr().err
     assert "does not match the report schema at checkpoints/1: 'verdict' is a required property" in error
@@ -275,8 +289,10 @@ def test_build_report_refuses_repeated_ids_and_unknown_kinds() -> None:
         ReportEntry(id="x", path="x", step=None, kind="lora", verdict=entry.verdict, metrics={}, scored_rows=0)
 
 
-def test_importing_the_report_module_stays_light() -> None:
-    code = "import sys, pytest_dpo.report; print(sorted({'torch', 'matplotlib'} & set(sys.modules)))"
+def test_importing_the_report_modules_stays_light() -> None:
+    modules = ", ".join(f"pytest_dpo.{name}" for name in ("report", "report_files", "report_markdown", "report_plot",
+                                                           "report_terminal"))
+    code = f"import sys, {modules}; print(sorted({{'torch', 'matplotlib'}} & set(sys.modules)))"
     output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert output.strip() == "[]"
 
@@ -291,6 +307,7 @@ def test_terminal_tables_keep_their_layout() -> None:
     verdicts.expect("checkpoint-2", "dpo-gate[checkpoint-2: rewards/margins > 0]")
     verdicts.record("checkpoint-2", "dpo-gate[checkpoint-2: rewards/margins > 0]", "call", "failed")
     lines = verdict_table(["checkpoint-2"], {"checkpoint-2": result}, verdicts).splitlines()
+    assert lines[0] == "checkpoint                 loss  margins accuracy   chosen rejected  verdict"
     assert lines[1].startswith("checkpoint-2") and lines[1].endswith("  FAILED")
     assert lines[2:] == ["checkpoint-2: 1 failed", "  failed: dpo-gate[checkpoint-2: rewards/margins > 0]"]
 
@@ -307,7 +324,8 @@ def test_report_entry_from_a_session_checkpoint() -> None:
     assert entry == ReportEntry(
         id="checkpoint-4", path="run/checkpoint-4", step=4, kind="adapter",
         verdict={"passed": True, "summary": "passed", "tests": {"passed": ["t::a[checkpoint-4]"], "failed": [],
-                                                              "error": [], "skipped": [], "not_run": []}},
+                                                              "error": [], "skipped": [], "not_run": []},
+                 "gates": {}},
         metrics={"loss": 0.5}, scored_rows=2, dropped_rows=[1], evaluate_seconds=0.5, per_example={"rows": [0, 2]},
         non_finite_rows=1,
     )
@@ -325,3 +343,126 @@ def test_files_get_the_usual_permissions(written: tuple[Path, list[Path]]) -> No
     os.umask(umask)
     _, paths = written
     assert {path.stat().st_mode & 0o777 for path in paths} == {0o666 & ~umask}
+
+
+def per_example_arrays(margins: list[float]) -> PerExample:
+    """Per-example arrays whose margins, rewards, log-probs and losses follow `margins` (a NaN margin spreads)."""
+    n = len(margins)
+    margin = torch.tensor(margins)
+    return PerExample.from_dict(
+        {
+            "rows": list(range(n)), "margins": margin.tolist(), "chosen_rewards": (margin / 2).tolist(),
+            "rejected_rewards": (-margin / 2).tolist(), "losses": torch.nn.functional.softplus(-margin).tolist(),
+            "policy_chosen_logps": (margin - 40).tolist(), "policy_rejected_logps": [-44.0] * n,
+            "reference_chosen_logps": [-40.0] * n, "reference_rejected_logps": [-44.0] * n,
+            **{name: [1] * n for name in ("chosen_tokens", "rejected_tokens", "chosen_scored_tokens",
+                                          "rejected_scored_tokens", "chosen_top1")},
+            **{name: [0.0] * n for name in ("chosen_logits_sum", "rejected_logits_sum", "chosen_entropy_sum",
+                                            "rejected_entropy_sum")},
+        }
+    )
+
+
+def result_of(margins: list[float]) -> SimpleNamespace:
+    per_example = per_example_arrays(margins)
+    metrics = {name: float(getattr(per_example, field).mean()) for name, field in (
+        ("loss", "losses"), ("rewards/chosen", "chosen_rewards"), ("rewards/rejected", "rejected_rewards"),
+        ("rewards/margins", "margins"), ("logps/chosen", "policy_chosen_logps"),
+        ("logps/rejected", "policy_rejected_logps"))}
+    metrics["rewards/accuracies"] = float((per_example.margins > 0).float().mean())
+    return SimpleNamespace(checkpoint="c", metrics=metrics | {"entropy": 0.5}, per_example=per_example,
+                           num_examples=len(margins), dropped_rows=[])
+
+
+def test_every_per_example_metric_gets_an_interval_with_its_level_and_method() -> None:
+    intervals = metric_intervals(result_of([0.5, -0.25, 1.0, 0.75, 0.1, 0.3]))
+    assert sorted(intervals) == sorted(PER_EXAMPLE_METRICS)
+    assert intervals["rewards/accuracies"]["method"] == "Wilson"
+    assert {interval["method"] for name, interval in intervals.items() if name != "rewards/accuracies"} == {"t"}
+    assert {interval["confidence"] for interval in intervals.values()} == {0.95}
+    # Every rejected log-prob is the same, so that interval has no width.
+    assert all(interval["low"] < interval["high"] for name, interval in intervals.items() if name != "logps/rejected")
+    assert intervals["logps/rejected"]["low"] == intervals["logps/rejected"]["high"] == -44
+    assert metric_intervals(result_of([0.5, -0.25, 1.0]), 0.9, "bootstrap")["loss"]["method"] == "bootstrap"
+
+
+def test_a_nan_row_leaves_its_metrics_without_an_interval_and_the_report_still_renders(tmp_path: Path) -> None:
+    result = result_of([0.5, math.nan, 1.0, 0.75])
+    checkpoint = SimpleNamespace(name="checkpoint-4", path=Path("run/checkpoint-4"), step=4, kind="model")
+    entry = report_entry(checkpoint, Verdicts(["checkpoint-4"])["checkpoint-4"], result)
+    # Log-probs of the rejected completions stay finite, and the accuracy counts a NaN row as wrong, as TRL does.
+    assert sorted(entry.intervals) == ["logps/rejected", "rewards/accuracies"]
+    lonely = report_entry(checkpoint, Verdicts(["checkpoint-4"])["checkpoint-4"], result_of([0.5]), checkpoint_id="one")
+    report = build_report([entry, lonely], eval_set=EVAL_SET, gates=[], settings={}, versions={})
+    jsonschema.validate(report, report_schema(), cls=jsonschema.Draft202012Validator)
+    assert report["checkpoints"][1]["intervals"]["loss"] | {"confidence": 0.95} == {
+        "low": None, "high": None, "confidence": 0.95, "method": "t"
+    }
+    rows = [line for line in render_markdown(report).splitlines() if line.startswith(("| checkpoint-4", "| one"))]
+    assert rows[0].startswith("| checkpoint-4 | 4 | — | — | 0.7500 [0.30, 0.95] |") and "| 0.5000 |" in rows[1]
+    assert render_plot(report, tmp_path / "plot.png")
+
+
+def test_markdown_shows_compact_intervals_next_to_values() -> None:
+    report = make_report()
+    report["checkpoints"][1]["intervals"] = {
+        "loss": {"low": 0.5512, "high": 0.6288, "confidence": 0.95, "method": "t"},
+        "rewards/margins": {"low": -0.0412, "high": 0.0388, "confidence": 0.95, "method": "t"},
+        "rewards/chosen": {"low": -42.31, "high": -38.4, "confidence": 0.95, "method": "t"},
+        "rewards/rejected": {"low": None, "high": None, "confidence": 0.95, "method": "t"},
+    }
+    [row] = [line for line in render_markdown(report).splitlines() if line.startswith("| checkpoint-4")]
+    assert row == (
+        "| checkpoint-4 | 4 | 0.5900 [0.551, 0.629] | 0.2100 [-0.041, 0.039] | 0.7500 | 0.1050 [-42.31, -38.40] | "
+        "-0.1050 | ✅ passed |"
+    )
+
+
+def test_markdown_reads_gates_from_the_verdict_record_never_from_the_node_id() -> None:
+    verdicts = Verdicts(["run: a]b"])
+    gate = "rewards/accuracies >= 0.6 @95%"
+    verdicts.expect("run: a]b", gate_nodeid("run: a]b", gate), gate=gate)
+    verdicts.expect("run: a]b", "t.py::test_x[run: a]b]")
+    verdicts.record("run: a]b", gate_nodeid("run: a]b", gate), "call", "failed")
+    verdicts.record("run: a]b", "t.py::test_x[run: a]b]", "call", "passed")
+    entry = ReportEntry(
+        id="run: a]b", path="run", step=None, kind="model", verdict=verdict_record(verdicts["run: a]b"]),
+        metrics=metrics(0.2, 0.6667, 0.6), scored_rows=24,
+        intervals={"rewards/accuracies": {"low": 0.4688, "high": 0.8203, "confidence": 0.95, "method": "Wilson"}},
+    )
+    report = build_report([entry], eval_set=EVAL_SET, gates=[gate], settings={}, versions={})
+    assert "- failed gate `rewards/accuracies >= 0.6 @95%`: rewards/accuracies = **0.6667** [0.47, 0.82], required >= 0.6" in (
+        render_markdown(report)
+    )
+    # Any node id the record names as a gate is one; a gate-shaped node id the record does not name is an ordinary test.
+    record = report["checkpoints"][0]["verdict"]
+    record["tests"]["failed"] = ["custom::check", "dpo-gate[run: loss < 0.5]"]
+    record["gates"] = {"custom::check": "loss < 0.5"}
+    markdown = render_markdown(report)
+    assert "- failed gate `loss < 0.5`: loss = **0.6000**, required < 0.5" in markdown
+    assert "- failed: `dpo-gate[run: loss < 0.5]`" in markdown
+
+
+def test_a_report_written_before_gates_were_recorded_still_loads_renders_and_serves_as_baseline(tmp_path: Path) -> None:
+    report = make_report()
+    for checkpoint in report["checkpoints"]:
+        del checkpoint["verdict"]["gates"]
+        del checkpoint["intervals"]
+    (tmp_path / REPORT_JSON_FILE).write_text(json.dumps(report))
+    arrays = per_example_arrays([0.5, -0.25, 1.0]).to_dict()
+    (tmp_path / PER_EXAMPLE_FILE).write_text(json.dumps({"checkpoint-6": arrays}))
+    assert load_report(tmp_path / REPORT_JSON_FILE) == report
+    assert "- failed: `dpo-gate[checkpoint-2: rewards/margins > 0]`" in render_markdown(report)
+    baseline = baseline_from_report(tmp_path)
+    assert baseline.checkpoint == "checkpoint-6" and baseline.per_example.margins.tolist() == [0.5, -0.25, 1.0]
+
+
+def test_a_report_with_intervals_serves_as_baseline(written: tuple[Path, list[Path]]) -> None:
+    directory, _ = written
+    assert load_report(directory / REPORT_JSON_FILE)["checkpoints"][2]["intervals"]
+    (directory / PER_EXAMPLE_FILE).write_text(json.dumps({"checkpoint-6": per_example_arrays([0.5, 1.0]).to_dict()}))
+    assert baseline_from_report(directory / REPORT_JSON_FILE).metrics["rewards/margins"] == 0.48
+
+
+def test_the_plot_shows_exactly_the_summary_metrics() -> None:
+    assert sorted(name for _, names in _PANELS for name in names) == sorted(metric.name for metric in SUMMARY_METRICS)

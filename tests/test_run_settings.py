@@ -19,7 +19,7 @@ import transformers  # noqa: F401
 from trl.trainer.dpo_config import DPOConfig
 
 from pytest_dpo import evaluate
-from pytest_dpo.report import report_schema
+from pytest_dpo.report_files import report_schema
 from pytest_dpo.run_settings import resolve_settings
 from pytest_dpo.settings import DPOSettings
 

@@ -191,13 +191,13 @@ def test_non_finite_metrics_fail_every_helper_naming_the_cause(reference_result:
 
 
 @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
-def test_non_finite_metrics_fail_every_gate_naming_the_cause(value: float) -> None:
+def test_non_finite_metrics_fail_every_gate_naming_the_cause(reference_result: EvalResult, value: float) -> None:
+    broken = dataclasses.replace(reference_result, metrics={**reference_result.metrics, "rewards/margins": value})
     for line in ("rewards/margins > 0", "rewards/margins < 1", "rewards/margins != 0", "rewards/margins >= -1e9"):
-        gate = parse_gate(line, "dpo_gates line 1")
-        assert not gate.passes(value)
-        message = gate.failure_message("checkpoint-4", {"rewards/margins": value})
-        assert message.startswith(f"checkpoint-4: gate failed: rewards/margins is {'NaN' if math.isnan(value) else value}")
-        assert "weights or logits contain NaN/inf" in message
+        failure = parse_gate(line, "dpo_gates line 1").check(broken)
+        assert failure is not None
+        assert failure.startswith(f"rewards/margins is {'NaN' if math.isnan(value) else value}, not ")
+        assert "weights or logits contain NaN/inf" in failure.splitlines()[0]
 
 
 def test_nan_weights_that_got_past_loading_still_fail_the_gates_and_publish_nothing(
@@ -217,8 +217,8 @@ def test_nan_weights_that_got_past_loading_still_fail_the_gates_and_publish_noth
     result.assert_outcomes(failed=4)
     result.stdout.fnmatch_lines(
         [
-            "checkpoint-4: gate failed: rewards/margins is NaN, required > 0: the checkpoint's weights or logits contain*",
-            "checkpoint-4: gate failed: loss is NaN, required <= 0.75: *",
+            "checkpoint-4: gate failed: rewards/margins is NaN, not above 0: the checkpoint's weights or logits contain*",
+            "checkpoint-4: gate failed: loss is NaN, not at most 0.75: *",
         ],
         consecutive=False,
     )

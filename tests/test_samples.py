@@ -14,7 +14,7 @@ import torch
 import transformers
 
 from pytest_dpo.evalset import load_eval_set
-from pytest_dpo.report import report_schema
+from pytest_dpo.report_files import report_schema
 from pytest_dpo.samples import GenerationError, GenerationSettings
 from pytest_dpo.tokenization import tokenize_eval_set
 

@@ -1,4 +1,4 @@
-"""Confidence bounds and paired regression tests of `pytest_dpo.stats` (pure math, no models).
+"""Confidence bounds (`pytest_dpo.stats`) and paired regression tests (`pytest_dpo.paired`): pure math, no models.
 
 Quantiles are checked against printed tables and closed forms (Cauchy for df = 1,
 df = 2); interval coverage against simulated data from seeded generators, so the
@@ -17,20 +17,18 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pytest_dpo import stats
+from pytest_dpo import paired, stats
+from pytest_dpo.metric_table import BY_NAME, INTERVAL_METRICS
 from pytest_dpo.metrics import aggregate, build_per_example
+from pytest_dpo.paired import paired_comparison, sign_test_p_value
 from pytest_dpo.results import EvalResult, SequenceScores
 from pytest_dpo.settings import DPOSettings
 from pytest_dpo.stats import (
-    LOWER_IS_BETTER_METRICS,
-    PER_EXAMPLE_METRICS,
     Interval,
     accuracy_interval,
     mean_interval,
     metric_interval,
     normal_quantile,
-    paired_comparison,
-    sign_test_p_value,
     t_quantile,
     wilson_interval,
 )
@@ -335,7 +333,7 @@ def test_token_weighted_metrics_are_refused_with_the_supported_list(metric: str)
     result = make_result([1.0, 2.0])
     with pytest.raises(ValueError, match=f"'{metric}'.*supported only for per-example metrics") as error:
         metric_interval(result, metric)
-    assert all(name in str(error.value) for name in PER_EXAMPLE_METRICS)
+    assert all(name in str(error.value) for name in INTERVAL_METRICS)
     with pytest.raises(ValueError, match="per-example metrics"):
         paired_comparison(result, result, metric)
 
@@ -430,7 +428,7 @@ def test_a_clearly_worse_candidate_is_a_regression() -> None:
 
     # Lower loss is better: the worse candidate's loss rises.
     loss = paired_comparison(candidate, baseline, "loss")
-    assert "loss" in LOWER_IS_BETTER_METRICS
+    assert not BY_NAME["loss"].higher_is_better
     assert loss.regressed and not loss.higher_is_better and loss.interval.low > 0
     # The other way round the candidate improved: no regression in either metric.
     assert not paired_comparison(baseline, candidate).regressed
@@ -446,7 +444,7 @@ def test_a_tiny_shift_is_not_a_regression_in_a_noisy_comparison() -> None:
     assert not comparison.regressed and comparison.p_value > 0.05
 
 
-@pytest.mark.parametrize("metric", PER_EXAMPLE_METRICS)
+@pytest.mark.parametrize("metric", INTERVAL_METRICS)
 def test_identical_results_are_not_a_regression(metric: str) -> None:
     result = make_result([1.0, -0.5, 2.0, 0.25, -1.5, 3.0], [0.5, 0.0, -1.0, 1.0, -0.5, 0.0])
     twin = make_result([1.0, -0.5, 2.0, 0.25, -1.5, 3.0], [0.5, 0.0, -1.0, 1.0, -0.5, 0.0], checkpoint="checkpoint-2")
@@ -507,7 +505,7 @@ def test_a_single_shared_row_cannot_show_a_regression() -> None:
 @settings(deadline=None, max_examples=60)
 @given(
     pairs=st.lists(st.tuples(FINITE, FINITE, FINITE, FINITE), min_size=1, max_size=30),
-    metric=st.sampled_from(PER_EXAMPLE_METRICS),
+    metric=st.sampled_from(INTERVAL_METRICS),
     seed=st.integers(0, 2**31),
 )
 def test_swapping_candidate_and_baseline_mirrors_the_comparison(
@@ -531,10 +529,9 @@ def test_swapping_candidate_and_baseline_mirrors_the_comparison(
 
 
 def test_docstring_doctests_hold() -> None:
-    outcome = doctest.testmod(stats, raise_on_error=False, report=False)
-    assert outcome.attempted >= 8 and outcome.failed == 0
-
-
+    outcomes = [doctest.testmod(module, raise_on_error=False, report=False) for module in (stats, paired)]
+    assert sum(outcome.attempted for outcome in outcomes) >= 8
+    assert all(outcome.failed == 0 for outcome in outcomes)
 
 
 def test_docstring_examples_pass_on_a_good_result_and_fail_on_a_bad_one() -> None:
@@ -545,7 +542,7 @@ def test_docstring_examples_pass_on_a_good_result_and_fail_on_a_bad_one() -> Non
         example(good)
         with pytest.raises(AssertionError):
             example(bad)
-    (example,) = docstring_tests(stats.paired_comparison)
+    (example,) = docstring_tests(paired.paired_comparison)
     example(good, bad)
     with pytest.raises(AssertionError, match="regressed"):
         example(bad, good)

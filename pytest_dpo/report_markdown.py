@@ -1,0 +1,163 @@
+"""The Markdown summary of a JSON report (`dpo_summary.md`, GitHub's step summary).
+
+Works from the report dict alone, as `python -m pytest_dpo report DIR` re-renders it:
+which tests are gates, and which gate each checks, is read from the verdict record.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from .gates import GateError, parse_gate
+from .report import SUMMARY_COLUMNS
+from .report_terminal import format_value
+
+_CELL_LIMIT = 400
+# Unset device and dtype mean "chosen for the hardware"; other unset settings mean "none" (e.g. no max_length).
+_AUTO_WHEN_UNSET = ("device", "dtype")
+_HELD_BACK_LABELS = {"failed": "failed", "error": "error", "not_run": "not run"}
+
+
+def render_markdown(report: Mapping[str, Any]) -> str:
+    """The report as GitHub-flavoured Markdown: overview table, why checkpoints were held back, samples.
+
+    Each value in the table is followed by its confidence interval when the report has one,
+    e.g. `0.7188 [0.61, 0.81]`.
+    """
+    checkpoints = report["checkpoints"]
+    eval_set = report["eval_set"]
+    passed = [c["id"] for c in checkpoints if c["verdict"]["passed"]]
+    columns = [metric.name for metric in SUMMARY_COLUMNS]
+    lines = [
+        "# DPO checkpoint report",
+        "",
+        (
+            f"**Eval set:** `{_markdown_code(eval_set['name'])}`: {eval_set['rows']} rows, {eval_set['format']}, "
+            f"sha256 `{str(eval_set['sha256'])[:12]}`  "
+        ),
+        f"**Settings:** {', '.join(f'{name}={_setting(name, value)}' for name, value in report['settings'].items())}  ",
+        f"**Gates:** {', '.join(f'`{gate}`' for gate in report['gates']) or 'none'}  ",
+        f"**Result:** {len(passed)} of {len(checkpoints)} checkpoints passed"
+        + (f": {', '.join(passed)}" if passed else ""),
+        "",
+        "| checkpoint | step | " + " | ".join(columns) + " | verdict |",
+        "|:--|--:|" + "--:|" * len(columns) + ":--|",
+    ]
+    for checkpoint in checkpoints:
+        numbers = " | ".join(_number(checkpoint["metrics"].get(name)) + _interval(checkpoint, name) for name in columns)
+        step = "—" if checkpoint["step"] is None else str(checkpoint["step"])
+        verdict = "✅ passed" if checkpoint["verdict"]["passed"] else "❌ failed"
+        lines.append(f"| {_markdown_cell(checkpoint['id'])} | {step} | {numbers} | {verdict} |")
+    lines += _intervals_legend(checkpoints, columns)
+    non_finite = [(c["id"], c["non_finite_rows"]) for c in checkpoints if c.get("non_finite_rows")]
+    for checkpoint_id, count in non_finite:
+        note = (
+            f"**{_markdown_cell(checkpoint_id)}:** {count} scored rows have a NaN or infinite loss, so "
+            "`loss` and the means over rows are NaN (as in TRL's `evaluate()`)."
+        )
+        lines += ["", note]
+    warnings = [(c["id"], warning) for c in checkpoints for warning in c.get("settings", {}).get("warnings", ())]
+    if warnings:
+        lines += ["", "## ⚠️ Training settings not reproduced", ""]
+        lines += [f"- {_markdown_cell(checkpoint_id)}: {_markdown_cell(warning)}" for checkpoint_id, warning in warnings]
+    for checkpoint in checkpoints:
+        if not checkpoint["verdict"]["passed"]:
+            lines += ["", *_held_back(checkpoint)]
+    for checkpoint in checkpoints:
+        if checkpoint.get("samples"):
+            lines += ["", *_samples(checkpoint)]
+    versions = ", ".join(f"{name} {number}" for name, number in report["versions"].items())
+    lines += ["", f"<sub>Report schema {report['schema']}, created {report['created']}; {versions}</sub>", ""]
+    return "\n".join(lines)
+
+
+def _interval(checkpoint: Mapping[str, Any], metric: str) -> str:
+    """` [low, high]` after a value, empty without bounds: two decimals, more (up to four) for a narrow interval."""
+    interval = checkpoint.get("intervals", {}).get(metric)
+    if interval is None or interval["low"] is None or interval["high"] is None:
+        return ""
+    low, high = interval["low"], interval["high"]
+    decimals = 4 if high <= low else min(4, max(2, 1 - math.floor(math.log10(high - low))))
+    return f" [{low:.{decimals}f}, {high:.{decimals}f}]"
+
+
+def _intervals_legend(checkpoints: list[Mapping[str, Any]], columns: list[str]) -> list[str]:
+    """What the brackets in the table are: each confidence level and method, with the metrics it applies to."""
+    kinds: dict[tuple[float, str], list[str]] = {}
+    for name in columns:
+        for interval in (checkpoint.get("intervals", {}).get(name) for checkpoint in checkpoints):
+            if interval is not None:
+                names = kinds.setdefault((interval["confidence"], interval["method"]), [])
+                if name not in names:
+                    names.append(name)
+    if not kinds:
+        return []
+    parts = [f"{confidence * 100:g}% {method} for {', '.join(names)}" for (confidence, method), names in kinds.items()]
+    return ["", f"Brackets: confidence intervals, {'; '.join(parts)}."]
+
+
+def _held_back(checkpoint: Mapping[str, Any]) -> list[str]:
+    verdict = checkpoint["verdict"]
+    gates = verdict.get("gates", {})
+    lines = [f"## ❌ {_markdown_cell(checkpoint['id'])} held back: {_markdown_cell(verdict['summary'])}", ""]
+    for outcome, label in _HELD_BACK_LABELS.items():
+        for nodeid in verdict["tests"][outcome]:
+            if nodeid in gates:
+                lines.append(_gate_line(label, gates[nodeid], checkpoint))
+            else:
+                lines.append(f"- {label}: `{_markdown_code(nodeid)}`")
+    if len(lines) == 2:
+        lines.append(f"- {_markdown_cell(verdict['summary'])}")
+    return lines
+
+
+def _gate_line(label: str, text: str, checkpoint: Mapping[str, Any]) -> str:
+    """`- failed gate `rewards/margins > 0`: rewards/margins = **-0.0123** [-0.05, 0.03], required > 0`."""
+    head = f"- {label} gate `{_markdown_code(text)}`"
+    try:
+        gate = parse_gate(text, f"gate of {checkpoint['id']}")
+    except GateError:
+        return head
+    value = _number(checkpoint["metrics"].get(gate.metric))
+    interval = _interval(checkpoint, gate.metric)
+    return f"{head}: {gate.metric} = **{value}**{interval}, required {gate.operator} {gate.threshold:g}"
+
+
+def _samples(checkpoint: Mapping[str, Any]) -> list[str]:
+    lines = [
+        f"## Sample completions: {_markdown_cell(checkpoint['id'])}",
+        "",
+        "| row | prompt | policy | reference |",
+        "|--:|:--|:--|:--|",
+    ]
+    for sample in checkpoint["samples"]:
+        cells = " | ".join(_markdown_cell(sample[key]) for key in ("prompt", "policy", "reference"))
+        lines.append(f"| {sample['row']} | {cells} |")
+    return lines
+
+
+def _markdown_cell(text: Any) -> str:
+    """Text that stays inside one Markdown table cell and renders as plain text."""
+    text = str(text)
+    if len(text) > _CELL_LIMIT:
+        text = text[: _CELL_LIMIT - 1] + "…"
+    text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("\\", "\\\\")
+    return text.replace("|", "\\|").replace("\r\n", "\n").replace("\n", "<br>")
+
+
+def _markdown_code(text: Any) -> str:
+    return str(text).replace("`", "'").replace("\n", " ")
+
+
+def _number(value: float | None) -> str:
+    return "—" if value is None else format_value(float(value))
+
+
+def _setting(name: str, value: Any) -> str:
+    if isinstance(value, list):
+        return ",".join(map(str, value))
+    if value is None:
+        return "auto" if name in _AUTO_WHEN_UNSET else "none"
+    return str(value)
