@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .config import option_spec
+from .options import option_spec
 from .settings import SETTINGS, DPOSettings, SettingsError
 from .spelling import option, spelled_for
 

@@ -5,6 +5,18 @@ terminal: the metric, its value against the threshold, how many rows were scored
 and the examples that pulled the metric the wrong way, so the failure says which
 rows to read. Each helper hides its own frames from pytest's traceback, which
 points at the test's line instead. No models are loaded here.
+
+The threshold helpers (`assert_margin_positive`, `assert_accuracy_above`,
+`assert_loss_below`, `assert_chosen_reward_above`, `assert_rejected_reward_below`)
+take `result`, one checkpoint's `EvalResult` (e.g. the `dpo_result` fixture), and
+a threshold the metric must strictly clear; a NaN or infinite metric never does.
+
+Confidence bounds: every threshold helper takes `confidence` (e.g. `0.95`) and
+`method` (default `"t"`). With a `confidence`, the bound of the metric's confidence
+interval on the threshold's side must clear the threshold, not just the point
+estimate. The interval of `rewards/accuracies` is Wilson's; that of a mean is
+Student t (`method="t"`) or a seeded percentile bootstrap (`method="bootstrap"`);
+see `pytest_dpo.stats`.
 """
 
 from __future__ import annotations
@@ -35,164 +47,50 @@ _MAX_LISTED_ROWS = 10
 def assert_margin_positive(
     result: EvalResult, *, at_least: float = 0.0, confidence: float | None = None, method: str = "t"
 ) -> None:
-    """Assert that the mean reward margin `rewards/margins` is above `at_least`.
+    """Assert that the mean reward margin `rewards/margins` is strictly above `at_least`, e.g.
+    `assert_margin_positive(dpo_result, at_least=0.1)`.
 
-    Args:
-        result (`EvalResult`):
-            The evaluation of one checkpoint, e.g. the `dpo_result` fixture.
-        at_least (`float`, *optional*, defaults to `0.0`):
-            The margin must be strictly greater than this.
-        confidence (`float`, *optional*):
-            If given (e.g. `0.95`), the bound of the metric's confidence interval must clear
-            the threshold, not just the point estimate (Wilson interval for the accuracy,
-            Student t for means; see `pytest_dpo.stats`).
-        method (`str`, *optional*, defaults to `"t"`):
-            How the interval of a mean is computed with `confidence`: `"t"` (Student t) or
-            `"bootstrap"` (seeded percentile bootstrap). The accuracy always uses Wilson.
-
-    Raises:
-        `AssertionError`: if the margin is not above `at_least` or is NaN or infinite; the message
-            lists the 3 examples with the lowest margin.
-
-    Example:
-
-    ```py
-    >>> def test_policy_prefers_chosen(dpo_result):
-    ...     assert_margin_positive(dpo_result, at_least=0.1)
-    ```
+    A failure lists the 3 rows with the lowest margin.
     """
     __tracebackhide__ = True
     _assert_metric(result, "rewards/margins", ">", at_least, confidence, method)
 
 
-def assert_accuracy_above(
-    result: EvalResult, threshold: float, *, confidence: float | None = None, method: str = "t"
-) -> None:
-    """Assert that the reward accuracy `rewards/accuracies` is strictly above `threshold`.
+def assert_accuracy_above(result: EvalResult, threshold: float, *, confidence: float | None = None, method: str = "t") -> None:
+    """Assert that the reward accuracy `rewards/accuracies` is strictly above `threshold`, e.g.
+    `assert_accuracy_above(dpo_result, 0.6)`.
 
-    Args:
-        result (`EvalResult`):
-            The evaluation of one checkpoint, e.g. the `dpo_result` fixture.
-        threshold (`float`):
-            The share of examples whose chosen reward beats the rejected one must be
-            strictly greater than this.
-        confidence (`float`, *optional*):
-            If given (e.g. `0.95`), the bound of the metric's confidence interval must clear
-            the threshold, not just the point estimate (Wilson interval for the accuracy,
-            Student t for means; see `pytest_dpo.stats`).
-        method (`str`, *optional*, defaults to `"t"`):
-            How the interval of a mean is computed with `confidence`: `"t"` (Student t) or
-            `"bootstrap"` (seeded percentile bootstrap). The accuracy always uses Wilson.
-
-    Raises:
-        `AssertionError`: if the accuracy is not above `threshold` or is NaN or infinite; the message
-            lists the 3 examples with the lowest margin.
-
-    Example:
-
-    ```py
-    >>> def test_ranks_most_pairs_right(dpo_result):
-    ...     assert_accuracy_above(dpo_result, 0.6)
-    ```
+    The accuracy is the share of rows whose chosen reward beats the rejected one; a failure
+    lists the 3 rows with the lowest margin.
     """
     __tracebackhide__ = True
     _assert_metric(result, "rewards/accuracies", ">", threshold, confidence, method)
 
 
-def assert_loss_below(
-    result: EvalResult, threshold: float, *, confidence: float | None = None, method: str = "t"
-) -> None:
-    """Assert that the eval `loss` is strictly below `threshold`.
+def assert_loss_below(result: EvalResult, threshold: float, *, confidence: float | None = None, method: str = "t") -> None:
+    """Assert that the eval `loss` is strictly below `threshold`, e.g. `assert_loss_below(dpo_result, 0.65)`.
 
-    Args:
-        result (`EvalResult`):
-            The evaluation of one checkpoint, e.g. the `dpo_result` fixture.
-        threshold (`float`):
-            The loss must be strictly less than this.
-        confidence (`float`, *optional*):
-            If given (e.g. `0.95`), the bound of the metric's confidence interval must clear
-            the threshold, not just the point estimate (Wilson interval for the accuracy,
-            Student t for means; see `pytest_dpo.stats`).
-        method (`str`, *optional*, defaults to `"t"`):
-            How the interval of a mean is computed with `confidence`: `"t"` (Student t) or
-            `"bootstrap"` (seeded percentile bootstrap). The accuracy always uses Wilson.
-
-    Raises:
-        `AssertionError`: if the loss is not below `threshold` or is NaN or infinite; the message
-            lists the 3 examples with the highest loss.
-
-    Example:
-
-    ```py
-    >>> def test_loss_did_not_regress(dpo_result):
-    ...     assert_loss_below(dpo_result, 0.65)
-    ```
+    A failure lists the 3 rows with the highest loss.
     """
     __tracebackhide__ = True
     _assert_metric(result, "loss", "<", threshold, confidence, method)
 
 
-def assert_chosen_reward_above(
-    result: EvalResult, threshold: float, *, confidence: float | None = None, method: str = "t"
-) -> None:
-    """Assert that the mean chosen reward `rewards/chosen` is strictly above `threshold`.
+def assert_chosen_reward_above(result: EvalResult, threshold: float, *, confidence: float | None = None, method: str = "t") -> None:
+    """Assert that the mean chosen reward `rewards/chosen` is strictly above `threshold`, e.g.
+    `assert_chosen_reward_above(dpo_result, 0.0)`: the chosen answers did not lose probability.
 
-    Args:
-        result (`EvalResult`):
-            The evaluation of one checkpoint, e.g. the `dpo_result` fixture.
-        threshold (`float`):
-            The chosen reward must be strictly greater than this.
-        confidence (`float`, *optional*):
-            If given (e.g. `0.95`), the bound of the metric's confidence interval must clear
-            the threshold, not just the point estimate (Wilson interval for the accuracy,
-            Student t for means; see `pytest_dpo.stats`).
-        method (`str`, *optional*, defaults to `"t"`):
-            How the interval of a mean is computed with `confidence`: `"t"` (Student t) or
-            `"bootstrap"` (seeded percentile bootstrap). The accuracy always uses Wilson.
-
-    Raises:
-        `AssertionError`: if the chosen reward is not above `threshold` or is NaN or infinite; the
-            message lists the 3 examples with the lowest chosen reward.
-
-    Example:
-
-    ```py
-    >>> def test_chosen_answers_did_not_lose_probability(dpo_result):
-    ...     assert_chosen_reward_above(dpo_result, 0.0)
-    ```
+    A failure lists the 3 rows whose chosen reward is lowest.
     """
     __tracebackhide__ = True
     _assert_metric(result, "rewards/chosen", ">", threshold, confidence, method)
 
 
-def assert_rejected_reward_below(
-    result: EvalResult, threshold: float, *, confidence: float | None = None, method: str = "t"
-) -> None:
-    """Assert that the mean rejected reward `rewards/rejected` is strictly below `threshold`.
+def assert_rejected_reward_below(result: EvalResult, threshold: float, *, confidence: float | None = None, method: str = "t") -> None:
+    """Assert that the mean rejected reward `rewards/rejected` is strictly below `threshold`, e.g.
+    `assert_rejected_reward_below(dpo_result, 0.0)`: the rejected answers lost probability.
 
-    Args:
-        result (`EvalResult`):
-            The evaluation of one checkpoint, e.g. the `dpo_result` fixture.
-        threshold (`float`):
-            The rejected reward must be strictly less than this.
-        confidence (`float`, *optional*):
-            If given (e.g. `0.95`), the bound of the metric's confidence interval must clear
-            the threshold, not just the point estimate (Wilson interval for the accuracy,
-            Student t for means; see `pytest_dpo.stats`).
-        method (`str`, *optional*, defaults to `"t"`):
-            How the interval of a mean is computed with `confidence`: `"t"` (Student t) or
-            `"bootstrap"` (seeded percentile bootstrap). The accuracy always uses Wilson.
-
-    Raises:
-        `AssertionError`: if the rejected reward is not below `threshold` or is NaN or infinite; the
-            message lists the 3 examples with the highest rejected reward.
-
-    Example:
-
-    ```py
-    >>> def test_rejected_answers_lost_probability(dpo_result):
-    ...     assert_rejected_reward_below(dpo_result, 0.0)
-    ```
+    Failing, it shows the 3 rows with the highest rejected reward.
     """
     __tracebackhide__ = True
     _assert_metric(result, "rewards/rejected", "<", threshold, confidence, method)
@@ -252,12 +150,7 @@ def assert_metrics_finite(result: EvalResult) -> None:
 
 
 def assert_no_regression(
-    result: EvalResult,
-    baseline: EvalResult,
-    metric: str = "rewards/margins",
-    *,
-    tolerance: float = 0.0,
-    confidence: float = 0.95,
+    result: EvalResult, baseline: EvalResult, metric: str = "rewards/margins", *, tolerance: float = 0.0, confidence: float = 0.95
 ) -> None:
     """Assert that `result` did not regress against `baseline` on `metric`, judged pair by pair.
 

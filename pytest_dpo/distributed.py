@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from .config import ConfigError
+from .options import ConfigError
 from .spelling import option
 
 if TYPE_CHECKING:

@@ -117,7 +117,9 @@ def load_eval_set(source: str | Path | Sequence[dict[str, Any]]) -> EvalSet:
         >>> eval_set.format, len(eval_set)
         ('standard', 24)
     """
-    from .evalset_files import read_source  # here: evalset_files imports EvalSetError from this module
+    from .evalset_files import (
+        read_source,  # here: evalset_files imports EvalSetError from this module
+    )
 
     name, raw_rows, locations = read_source(source)
     if not raw_rows:

@@ -32,9 +32,9 @@ from .loading import (
 from .metrics import aggregate, build_per_example
 from .moe import enabled_aux_loss, refuse_coef_without_router
 from .references import reference_fingerprint, resolve_reference
-from .results import EvalResult, SequenceScores
+from .results import EvalResult, Sample, SequenceScores
 from .run_settings import ARGUMENT, FROM_RUN, FromRun, resolve_settings
-from .samples import GenerationSettings, Sample, generate_completions, pair_samples
+from .samples import GenerationSettings, generate_completions, pair_samples
 from .scoring import score
 from .settings import DPOSettings
 from .spelling import option, spelled_for

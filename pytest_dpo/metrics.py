@@ -208,15 +208,7 @@ def build_per_example(
         rejected_rewards=rejected_rewards,
         margins=chosen_rewards - rejected_rewards,
         losses=combined_losses(policy, reference_chosen_logps, reference_rejected_logps, settings) + aux_loss_term,
-        chosen_tokens=policy.chosen_tokens,
-        rejected_tokens=policy.rejected_tokens,
-        chosen_scored_tokens=policy.chosen_scored_tokens,
-        rejected_scored_tokens=policy.rejected_scored_tokens,
-        chosen_logits_sum=policy.chosen_logits_sum,
-        rejected_logits_sum=policy.rejected_logits_sum,
-        chosen_entropy_sum=policy.chosen_entropy_sum,
-        rejected_entropy_sum=policy.rejected_entropy_sum,
-        chosen_top1=policy.chosen_top1,
+        **policy.token_statistics(),
     )
 
 

@@ -231,9 +231,9 @@ def plan_text(releases: Sequence[Release], config: PublishConfig) -> list[str]:
         if config.save_dir:
             lines.append(f"  would save into {Path(config.save_dir) / release.folder_name}")
         if config.push_to:
-            target = "a pull request on" if config.create_pr else "branch"
-            tag = f", tag {release.tag}" if config.tag else ""
-            lines.append(f"  would push one commit to {config.push_to} ({target} {config.revision}{tag})")
+            target = "a pull request on" if config.push_pr else "branch"
+            tag = "" if config.no_tag else f", tag {release.tag}"
+            lines.append(f"  would push one commit to {config.push_to} ({target} {config.push_revision}{tag})")
         lines.extend(f"    {name}" for name in release_files(release))
     return lines
 
@@ -264,7 +264,7 @@ def publish(releases: Sequence[Release], config: PublishConfig, say: Callable[[s
                 folders[release.checkpoint_id] = save_release(release, Path(config.save_dir))
                 note(f"saved {release.checkpoint_id} into {folders[release.checkpoint_id]}")
         if config.push_to:
-            with _bounded_hub_requests(config.timeout):
+            with _bounded_hub_requests(config.push_timeout):
                 _push_all(releases, config, folders, note)
     except PublishError as error:
         report.error = _scrub(str(error))
@@ -281,10 +281,10 @@ def _push_all(releases: Sequence[Release], config: PublishConfig, folders: dict[
     try:
         api.create_repo(repo_id, exist_ok=True, private=config.private or None)
         try:
-            head = None if config.create_pr else api.repo_info(repo_id, revision=config.revision, timeout=config.timeout).sha
+            head = None if config.push_pr else api.repo_info(repo_id, revision=config.push_revision, timeout=config.push_timeout).sha
         except RevisionNotFoundError:
             head = None
-        tags = {ref.name: ref.target_commit for ref in api.list_repo_refs(repo_id).tags} if config.tag else {}
+        tags = {ref.name: ref.target_commit for ref in api.list_repo_refs(repo_id).tags} if not config.no_tag else {}
     # Not only HfHubHTTPError: the client lets its HTTP library's own errors (timeouts, resets) through.
     except Exception as error:
         raise PublishError(
@@ -302,9 +302,9 @@ def _push_all(releases: Sequence[Release], config: PublishConfig, folders: dict[
                 continue
             with _release_folder(release, folders.get(release.checkpoint_id)) as folder:
                 commit = _commit(api, repo_id, folder, release, config, head)
-            if not config.create_pr:
+            if not config.push_pr:
                 head = commit.oid
-            if config.tag:
+            if not config.no_tag:
                 api.create_tag(repo_id, tag=release.tag, revision=commit.oid, tag_message=release.commit_message)
         except Exception as error:
             done = f"pushed before it: {', '.join(pushed)}" if pushed else "nothing was pushed before it"
@@ -326,7 +326,7 @@ def _push_all(releases: Sequence[Release], config: PublishConfig, folders: dict[
                 f"{_what_to_do(error, config)}"
             ) from None
         pushed.append(release.checkpoint_id)
-        where = commit.pr_url if config.create_pr else f"{config.revision}@{commit.oid[:12]}"
+        where = commit.pr_url if config.push_pr else f"{config.push_revision}@{commit.oid[:12]}"
         note(f"pushed {release.checkpoint_id} to {repo_id} ({where})")
 
 
@@ -343,9 +343,9 @@ def _commit(api: Any, repo_id: str, folder: Path, release: Release, config: Publ
         operations,
         commit_message=release.commit_message,
         commit_description=release.commit_description,
-        revision=config.revision,
+        revision=config.push_revision,
         parent_commit=head,
-        create_pr=config.create_pr,
+        create_pr=config.push_pr,
     )
 
 
@@ -409,7 +409,7 @@ def _what_to_do(error: BaseException, config: PublishConfig) -> str:
     """The fix for a failed Hub request, judged by its HTTP status."""
     status = getattr(getattr(error, "response", None), "status_code", None)
     if _timed_out(error):
-        return f"The Hub did not answer within {config.timeout:g} s: retry later, or raise {option('push_timeout')}."
+        return f"The Hub did not answer within {config.push_timeout:g} s: retry later, or raise {option('push_timeout')}."
     if status == 401:
         return "The Hub refused the token: log in with `hf auth login` or set HF_TOKEN to a valid token."
     if status == 403:

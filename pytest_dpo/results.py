@@ -8,15 +8,38 @@ from typing import Any
 import torch
 
 
-@dataclass(frozen=True)
-class SequenceScores:
-    """What one model says about the completions of the scored rows, one entry per row.
+@dataclass(frozen=True, kw_only=True)
+class TokenStatistics:
+    """Per-row token counts and sums behind TRL's token-weighted metrics, for the chosen and rejected completions.
 
-    `*_logps` are sums of completion-token log-probs, as TRL computes them.
     `*_tokens` count the completion tokens in the (possibly truncated)
     sequence; `*_scored_tokens` count those that have a preceding token and so
     get a log-prob (they differ only when a completion starts the sequence).
-    The logit, entropy and top-1 sums feed TRL's token-weighted metrics.
+    The logit, entropy and top-1 sums feed `logits/*`, `entropy` and
+    `mean_token_accuracy`. Keyword-only in the records built on it.
+    """
+
+    chosen_tokens: torch.Tensor
+    rejected_tokens: torch.Tensor
+    chosen_scored_tokens: torch.Tensor
+    rejected_scored_tokens: torch.Tensor
+    chosen_logits_sum: torch.Tensor
+    rejected_logits_sum: torch.Tensor
+    chosen_entropy_sum: torch.Tensor
+    rejected_entropy_sum: torch.Tensor
+    chosen_top1: torch.Tensor
+
+    def token_statistics(self) -> dict[str, torch.Tensor]:
+        """These fields by name, to carry them into another record built on `TokenStatistics`."""
+        return {f.name: getattr(self, f.name) for f in fields(TokenStatistics)}
+
+
+@dataclass(frozen=True)
+class SequenceScores(TokenStatistics):
+    """What one model says about the completions of the scored rows, one entry per row.
+
+    `*_logps` are sums of completion-token log-probs, as TRL computes them;
+    the token counts and sums are `TokenStatistics`'.
 
     `*_log_sum_sq_probs` sum `log sum_v p_v^2` of each scored token's
     next-token distribution (WPO's weights). `*_shared_logps` sum the
@@ -36,15 +59,6 @@ class SequenceScores:
 
     chosen_logps: torch.Tensor
     rejected_logps: torch.Tensor
-    chosen_tokens: torch.Tensor
-    rejected_tokens: torch.Tensor
-    chosen_scored_tokens: torch.Tensor
-    rejected_scored_tokens: torch.Tensor
-    chosen_logits_sum: torch.Tensor
-    rejected_logits_sum: torch.Tensor
-    chosen_entropy_sum: torch.Tensor
-    rejected_entropy_sum: torch.Tensor
-    chosen_top1: torch.Tensor
     chosen_log_sum_sq_probs: torch.Tensor | None = None
     rejected_log_sum_sq_probs: torch.Tensor | None = None
     chosen_shared_logps: torch.Tensor | None = None
@@ -62,7 +76,7 @@ ROUTER_FIELDS = ("router_expert_counts", "router_prob_sums", "router_tokens")
 
 
 @dataclass(frozen=True)
-class PerExample:
+class PerExample(TokenStatistics):
     """Per-example arrays, one entry per scored row, in eval-set order.
 
     `rows` holds each entry's row index in the eval set (rows TRL drops are
@@ -85,15 +99,6 @@ class PerExample:
     rejected_rewards: torch.Tensor
     margins: torch.Tensor
     losses: torch.Tensor
-    chosen_tokens: torch.Tensor
-    rejected_tokens: torch.Tensor
-    chosen_scored_tokens: torch.Tensor
-    rejected_scored_tokens: torch.Tensor
-    chosen_logits_sum: torch.Tensor
-    rejected_logits_sum: torch.Tensor
-    chosen_entropy_sum: torch.Tensor
-    rejected_entropy_sum: torch.Tensor
-    chosen_top1: torch.Tensor
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -176,3 +181,16 @@ class EvalResult:
     def from_dict(cls, data: dict[str, Any]) -> EvalResult:
         """The inverse of `to_dict`."""
         return cls(**{**data, "per_example": PerExample.from_dict(data["per_example"])})
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One eval-set prompt with the policy's and the reference's completion."""
+
+    row: int
+    prompt: str
+    policy: str
+    reference: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"row": self.row, "prompt": self.prompt, "policy": self.policy, "reference": self.reference}

@@ -11,28 +11,18 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .spelling import option
+
+if TYPE_CHECKING:
+    from .results import Sample
 
 DEFAULT_MAX_NEW_TOKENS = 64
 
 
 class GenerationError(ValueError):
     """A generation setting cannot be used; the message names the option and the fix."""
-
-
-@dataclass(frozen=True)
-class Sample:
-    """One eval-set prompt with the policy's and the reference's completion."""
-
-    row: int
-    prompt: str
-    policy: str
-    reference: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"row": self.row, "prompt": self.prompt, "policy": self.policy, "reference": self.reference}
 
 
 @dataclass(frozen=True)
@@ -119,6 +109,9 @@ def generate_completions(model: Any, tokenizer: Any, prompts: Sequence[Sequence[
 
 def pair_samples(rows: Sequence[Any], tokenizer: Any, policy: Sequence[str], reference: Sequence[str]) -> list[Sample]:
     """`Sample`s from the rows and both models' completions, in row order."""
+    # Imported here: results imports torch, and the plugin reads generation settings without it.
+    from .results import Sample
+
     return [
         Sample(row.row, tokenizer.decode(row.prompt_ids, skip_special_tokens=True), policy_text, reference_text)
         for row, policy_text, reference_text in zip(rows, policy, reference, strict=True)

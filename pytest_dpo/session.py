@@ -25,17 +25,17 @@ from .checkpoints import (
     discover_all,
     discover_checkpoints,
 )
-from .config import ConfigError, RunConfig, option_spec, setting_error
+from .config import RunConfig
 from .evalset import EvalSet, EvalSetError, load_eval_set
+from .options import ConfigError, option_spec, setting_error
 from .settings import SettingsError
 
 if TYPE_CHECKING:
     from .distributed import World
     from .evaluation import CheckpointEvaluation
     from .publish import Release
-    from .results import EvalResult
+    from .results import EvalResult, Sample
     from .run_settings import CheckpointSettings
-    from .samples import Sample
     from .verdicts import CheckpointVerdict
 
 

@@ -115,6 +115,19 @@ def help_with_default(help: str, default_text: str | None, is_flag: bool = False
     return f"{help} (default: {default_text})"
 
 
+def setting(
+    default: Any, parse: Callable[[str], Any], help: str, *, flag: bool = False, default_text: str | None = None
+) -> Any:
+    """Declare a `DPOSettings` field: its default, how text is read (`parse`, `ValueError` when it cannot), its help,
+    whether it is an on/off `flag`, and its default in words where it is chosen at run time."""
+    metadata: dict[str, Any] = {"help": help, "parse": parse}
+    if flag:
+        metadata["flag"] = True
+    if default_text is not None:
+        metadata["default_text"] = default_text
+    return field(default=default, metadata=metadata)
+
+
 @dataclass(frozen=True)
 class DPOSettings:
     """Everything that changes the numbers of a DPO evaluation, and how its checkpoints may be loaded.
@@ -130,147 +143,105 @@ class DPOSettings:
     `{default}`, or is followed by it. `SETTINGS` reads them.
     """
 
-    beta: float = field(
-        default=0.1,
-        metadata={"help": "DPO beta: rewards are beta * (policy - reference) completion log-probs.", "parse": float},
+    beta: float = setting(0.1, float, "DPO beta: rewards are beta * (policy - reference) completion log-probs.")
+    loss_type: tuple[str, ...] = setting(
+        ("sigmoid",),
+        str,
+        "TRL loss type(s) for `loss`, e.g. sigmoid, ipo, hinge; several combine with loss_weights.",
     )
-    loss_type: tuple[str, ...] = field(
-        default=("sigmoid",),
-        metadata={
-            "help": "TRL loss type(s) for `loss`, e.g. sigmoid, ipo, hinge; several combine with loss_weights.",
-            "parse": str,
-        },
+    loss_weights: tuple[float, ...] | None = setting(
+        None,
+        _floats,
+        "Weights of the loss types when several are combined.",
+        default_text="1.0 each",
     )
-    loss_weights: tuple[float, ...] | None = field(
-        default=None,
-        metadata={
-            "help": "Weights of the loss types when several are combined.",
-            "parse": _floats,
-            "default_text": "1.0 each",
-        },
+    label_smoothing: float = setting(0.0, float, "Label smoothing for the robust and exo_pair losses, in [0, 0.5).")
+    discopop_tau: float = setting(0.05, float, "Temperature of the discopop loss.")
+    ld_alpha: float | None = setting(
+        None,
+        _optional_float,
+        "Alpha of the LD-DPO paper, the weight of the verbose token log-probabilities (beyond the shorter "
+        "completion's length), in [0, 1]: 1.0 applies no weighting, 0.0 masks the tokens beyond the shared "
+        "length; None: standard DPO.",
     )
-    label_smoothing: float = field(
-        default=0.0,
-        metadata={"help": "Label smoothing for the robust and exo_pair losses, in [0, 0.5).", "parse": float},
+    f_divergence_type: str = setting(
+        "reverse_kl",
+        str,
+        "f-divergence regularizer between policy and reference (f-DPO paper): {default} (default), "
+        "forward_kl, js_divergence, alpha_divergence. Only the loss types built on the chosen-rejected reward "
+        "difference support a non-default value: sigmoid, sigmoid_norm, hinge, ipo, exo_pair, robust, discopop, "
+        "sft.",
     )
-    discopop_tau: float = field(
-        default=0.05,
-        metadata={"help": "Temperature of the discopop loss.", "parse": float},
+    f_alpha_divergence_coef: float = setting(
+        0.5,
+        float,
+        "Alpha coefficient of the alpha-divergence u^-alpha regularizer, used only when f_divergence_type "
+        "is alpha_divergence.",
     )
-    ld_alpha: float | None = field(
-        default=None,
-        metadata={
-            "help": "Alpha of the LD-DPO paper, the weight of the verbose token log-probabilities (beyond the shorter "
-            "completion's length), in [0, 1]: 1.0 applies no weighting, 0.0 masks the tokens beyond the shared "
-            "length; None: standard DPO.",
-            "parse": _optional_float,
-        },
+    use_weighting: bool = setting(
+        False,
+        _flag,
+        "WPO-style weighting of the preference pairs by the policy's length-normalized sequence "
+        "probabilities.",
     )
-    f_divergence_type: str = field(
-        default="reverse_kl",
-        metadata={
-            "help": "f-divergence regularizer between policy and reference (f-DPO paper): {default} (default), "
-            "forward_kl, js_divergence, alpha_divergence. Only the loss types built on the chosen-rejected reward "
-            "difference support a non-default value: sigmoid, sigmoid_norm, hinge, ipo, exo_pair, robust, discopop, "
-            "sft.",
-            "parse": str,
-        },
+    router_aux_loss_coef: float | None = setting(
+        None,
+        _optional_float,
+        "Weight of a mixture-of-experts policy's load-balancing loss (aux_loss), added to loss; None: "
+        "the coefficient the model config declares; 0.0 leaves it out. Only for models that return router logits.",
     )
-    f_alpha_divergence_coef: float = field(
-        default=0.5,
-        metadata={
-            "help": "Alpha coefficient of the alpha-divergence u^-alpha regularizer, used only when f_divergence_type "
-            "is alpha_divergence.",
-            "parse": float,
-        },
+    max_length: int | None = setting(
+        1024,
+        _optional_int,
+        "Maximum tokens of prompt + completion; longer sequences are truncated (None: no limit).",
     )
-    use_weighting: bool = field(
-        default=False,
-        metadata={
-            "help": "WPO-style weighting of the preference pairs by the policy's length-normalized sequence "
-            "probabilities.",
-            "parse": _flag,
-        },
+    truncation_mode: str = setting("keep_start", str, "{default} (TRL default) or keep_end.")
+    batch_size: int = setting(
+        8,
+        int,
+        "Preference rows per forward pass (each row is scored as a chosen and a rejected sequence).",
     )
-    router_aux_loss_coef: float | None = field(
-        default=None,
-        metadata={
-            "help": "Weight of a mixture-of-experts policy's load-balancing loss (aux_loss), added to loss; None: "
-            "the coefficient the model config declares; 0.0 leaves it out. Only for models that return router logits.",
-            "parse": _optional_float,
-        },
+    device: str | None = setting(
+        None,
+        _optional_str,
+        "torch device for the models.",
+        default_text="cuda if available, else cpu",
     )
-    max_length: int | None = field(
-        default=1024,
-        metadata={
-            "help": "Maximum tokens of prompt + completion; longer sequences are truncated (None: no limit).",
-            "parse": _optional_int,
-        },
+    dtype: str | None = setting(
+        None,
+        _optional_str,
+        "float32, bfloat16 or float16: the weights loaded in that dtype; autocast-bfloat16 or "
+        "autocast-float16: float32 weights run under torch.autocast, as TRL's DPOConfig(bf16=True) (its default) "
+        "or DPOConfig(fp16=True) evaluates a float32 model.",
+        default_text="bfloat16 on CUDA devices that support it, else float32",
     )
-    truncation_mode: str = field(
-        default="keep_start",
-        metadata={"help": "{default} (TRL default) or keep_end.", "parse": str},
+    device_map: str | None = setting(
+        None,
+        _device_map,
+        "auto (or balanced, balanced_low_0, sequential): shard each model over all visible GPUs with "
+        "accelerate's big-model loading, for models larger than one GPU; needs accelerate.",
+        default_text="the whole model on the chosen device",
     )
-    batch_size: int = field(
-        default=8,
-        metadata={
-            "help": "Preference rows per forward pass (each row is scored as a chosen and a rejected sequence).",
-            "parse": int,
-        },
+    share_prompt: bool = setting(
+        True,
+        _flag,
+        "run each row's prompt once and score both completions from its KV cache (true); false runs "
+        "prompt + completion twice, as TRL does. Same numbers up to float rounding.",
     )
-    device: str | None = field(
-        default=None,
-        metadata={
-            "help": "torch device for the models.",
-            "parse": _optional_str,
-            "default_text": "cuda if available, else cpu",
-        },
+    allow_pickle: bool = setting(
+        False,
+        _flag,
+        "also load weights stored only as pickle (pytorch_model.bin, adapter_model.bin), which can run "
+        "arbitrary code when loaded; accept that risk only for checkpoints you trust (TRL's training_args.bin is "
+        "never loaded).",
+        flag=True,
     )
-    dtype: str | None = field(
-        default=None,
-        metadata={
-            "help": "float32, bfloat16 or float16: the weights loaded in that dtype; autocast-bfloat16 or "
-            "autocast-float16: float32 weights run under torch.autocast, as TRL's DPOConfig(bf16=True) (its default) "
-            "or DPOConfig(fp16=True) evaluates a float32 model.",
-            "parse": _optional_str,
-            "default_text": "bfloat16 on CUDA devices that support it, else float32",
-        },
-    )
-    device_map: str | None = field(
-        default=None,
-        metadata={
-            "help": "auto (or balanced, balanced_low_0, sequential): shard each model over all visible GPUs with "
-            "accelerate's big-model loading, for models larger than one GPU; needs accelerate.",
-            "parse": _device_map,
-            "default_text": "the whole model on the chosen device",
-        },
-    )
-    share_prompt: bool = field(
-        default=True,
-        metadata={
-            "help": "run each row's prompt once and score both completions from its KV cache (true); false runs "
-            "prompt + completion twice, as TRL does. Same numbers up to float rounding.",
-            "parse": _flag,
-        },
-    )
-    allow_pickle: bool = field(
-        default=False,
-        metadata={
-            "help": "also load weights stored only as pickle (pytorch_model.bin, adapter_model.bin), which can run "
-            "arbitrary code when loaded; accept that risk only for checkpoints you trust (TRL's training_args.bin is "
-            "never loaded).",
-            "parse": _flag,
-            "flag": True,
-        },
-    )
-    trust_remote_code: bool = field(
-        default=False,
-        metadata={
-            "help": "run the Python code a checkpoint, reference or tokenizer ships (auto_map in config.json or "
-            "tokenizer_config.json); only for repos you trust.",
-            "parse": _flag,
-            "flag": True,
-        },
+    trust_remote_code: bool = setting(
+        False,
+        _flag,
+        "run the Python code a checkpoint, reference or tokenizer ships (auto_map in config.json or "
+        "tokenizer_config.json); only for repos you trust.",
+        flag=True,
     )
 
     def __post_init__(self) -> None:

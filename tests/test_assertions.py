@@ -31,6 +31,8 @@ from pytest_dpo.metrics import aggregate, build_per_example
 from pytest_dpo.results import EvalResult, SequenceScores
 from pytest_dpo.settings import DPOSettings
 
+from .token_statistics import token_statistics
+
 pytest_plugins = ["pytester"]
 
 
@@ -51,9 +53,7 @@ def make_result(
     zeros = torch.zeros(count)
 
     def scores(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor) -> SequenceScores:
-        return SequenceScores(
-            chosen_logps, rejected_logps, tokens, tokens, tokens, tokens, zeros, zeros, zeros, zeros, zeros
-        )
+        return SequenceScores(chosen_logps, rejected_logps, **token_statistics(tokens, zeros))
 
     reference_logps = torch.full((count,), -12.0)
     policy = scores(
@@ -289,7 +289,8 @@ def test_pytest_shows_the_message_unchanged_and_hides_the_helper_frames(
         "    result = make_result(BAD_CHOSEN, BAD_REJECTED, rows=BAD_ROWS, dropped_rows=[2, 5], prompts=PROMPTS)\n"
         "    assert_accuracy_above(result, 0.9)\n"
     )
-    pytester.makepyfile(test_checkpoint=header + inspect.getsource(make_result) + test)
+    source = inspect.getsource(token_statistics) + inspect.getsource(make_result)
+    pytester.makepyfile(test_checkpoint=header + source + test)
     bad = make_result(BAD_CHOSEN, BAD_REJECTED, rows=BAD_ROWS, dropped_rows=[2, 5], prompts=PROMPTS)
     expected = failure_message(lambda: assert_accuracy_above(bad, 0.9)).splitlines()
 

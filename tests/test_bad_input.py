@@ -29,10 +29,15 @@ import transformers  # noqa: F401
 from safetensors.torch import load_file, save_file
 
 from pytest_dpo import assert_margin_positive, evaluate, publish
-from pytest_dpo.config import ALL_OPTIONS
-from pytest_dpo.evalset import load_eval_set
 from pytest_dpo.checkpoints import discover_checkpoints
-from pytest_dpo.report import build_report, eval_set_record, per_example_of, report_entry
+from pytest_dpo.evalset import load_eval_set
+from pytest_dpo.options import ALL_OPTIONS
+from pytest_dpo.report import (
+    build_report,
+    eval_set_record,
+    per_example_of,
+    report_entry,
+)
 from pytest_dpo.report_files import write_report
 from pytest_dpo.verdicts import Verdicts
 
@@ -566,7 +571,7 @@ CASES = [
 ]
 
 # -- a bad value for every option and ini key ------------------------------------------------
-# (value, fix) per option of `pytest_dpo.config.ALL_OPTIONS`; flags take no value on the command line, so only
+# (value, fix) per option of `pytest_dpo.options.ALL_OPTIONS`; flags take no value on the command line, so only
 # their ini twins get one. `test_every_option_and_ini_key_has_a_row` keeps this table complete.
 FILE_IN_THE_WAY = "a-file"
 BAD_FLAG_VALUE = ("maybe", "Write true or false")

@@ -33,6 +33,7 @@ from pytest_dpo.strategies import eval_results
 
 from .docstring_examples import docstring_tests
 from .fixture_paths import BASE, EVAL_STANDARD, FULL_RUN
+from .token_statistics import token_statistics
 
 pytest_plugins = ["pytester"]
 # The heavy libraries above are imported before the in-process pytester run: pytester removes modules first
@@ -50,7 +51,7 @@ def make_example(chosen: list[float], rejected: list[float], rows: list[int] | N
     tokens, zeros = torch.full((count,), 5), torch.zeros(count)
 
     def scores(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor) -> SequenceScores:
-        return SequenceScores(chosen_logps, rejected_logps, tokens, tokens, tokens, tokens, zeros, zeros, zeros, zeros, zeros)
+        return SequenceScores(chosen_logps, rejected_logps, **token_statistics(tokens, zeros))
 
     reference = torch.full((count,), -12.0)
     policy = scores(reference + torch.tensor(chosen), reference + torch.tensor(rejected))

@@ -7,13 +7,8 @@ from typing import Any
 
 import pytest
 
-from pytest_dpo.config import (
-    ALL_OPTIONS,
-    ConfigError,
-    RunConfig,
-    option_spec,
-    read_run_config,
-)
+from pytest_dpo.config import RunConfig, read_run_config
+from pytest_dpo.options import ALL_OPTIONS, ConfigError, option_spec
 from pytest_dpo.run_settings import COMMAND_LINE, INI
 
 EMPTY_INI = {
@@ -31,7 +26,7 @@ def read(options: dict[str, Any] | None = None, ini: dict[str, Any] | None = Non
 
 def test_the_command_line_wins_over_the_ini_file() -> None:
     config = read({"push_timeout": "5", "beta": "0.2"}, {"dpo_push_timeout": "9", "dpo_beta": "0.3", "dpo_batch_size": "2"})
-    assert config.publish.timeout == 5.0
+    assert config.publish.push_timeout == 5.0
     assert config.settings.beta == 0.2 and config.settings.batch_size == 2
     assert config.explicit_settings == {"beta": COMMAND_LINE, "batch_size": INI}
 
@@ -39,13 +34,13 @@ def test_the_command_line_wins_over_the_ini_file() -> None:
 def test_an_empty_value_counts_as_not_given() -> None:
     config = read({"lock": "", "push_revision": "", "max_length": ""}, {"dpo_lock": "frozen.lock", "dpo_max_length": ""})
     assert config.lock == "frozen.lock"
-    assert config.publish.revision == option_spec("push_revision").default
+    assert config.publish.push_revision == option_spec("push_revision").default
     assert config.settings.max_length == 1024 and config.explicit_settings == {}
 
 
 def test_flags_come_from_either_place_and_turn_their_value_around_where_named_no() -> None:
     config = read({"no_cache": True, "push_pr": True}, {"dpo_no_tag": True, "dpo_update_lock": True, "dpo_allow_pickle": True})
-    assert (config.use_cache, config.publish.create_pr, config.publish.tag, config.update_lock) == (False, True, False, True)
+    assert (config.use_cache, config.publish.push_pr, config.publish.no_tag, config.update_lock) == (False, True, True, True)
     assert config.settings.allow_pickle and config.explicit_settings == {"allow_pickle": INI}
     assert not read().publish.private
 
@@ -123,6 +118,6 @@ def test_checkpoints_need_an_eval_set(tmp_path: Path) -> None:
 def test_valid_publish_values_are_taken() -> None:
     publish = read({"push_to": "my-org/model", "push_revision": "releases/v2", "push_which": "last", "push_timeout": "2.5",
                     "save_dir": "out", "dry_run": True}).publish
-    assert (publish.push_to, publish.revision, publish.which, publish.timeout) == ("my-org/model", "releases/v2", "last", 2.5)
+    assert (publish.push_to, publish.push_revision, publish.push_which, publish.push_timeout) == ("my-org/model", "releases/v2", "last", 2.5)
     assert publish.save_dir == "out" and publish.dry_run and publish.active
     assert read({"samples": "4"}).samples == 4

@@ -10,14 +10,8 @@ from typing import Any
 
 from pytest_dpo import evaluate
 from pytest_dpo.__main__ import _parser
-from pytest_dpo.config import (
-    ALL_OPTIONS,
-    SETTING_OPTIONS,
-    Given,
-    RunConfig,
-    option_spec,
-    read_run_config,
-)
+from pytest_dpo.config import RunConfig, read_run_config
+from pytest_dpo.options import ALL_OPTIONS, SETTING_OPTIONS, Given, option_spec
 from pytest_dpo.run_settings import FROM_RUN, INI
 from pytest_dpo.settings import SETTINGS, DPOSettings
 from pytest_dpo.spelling import option, spelled_for
@@ -70,7 +64,7 @@ def test_the_plugin_reads_the_declared_defaults_when_nothing_is_given() -> None:
         option_spec(name).default for name in ("lock", "samples", "generation")
     )
     publish = nothing.publish
-    assert (publish.revision, publish.which, publish.timeout) == tuple(
+    assert (publish.push_revision, publish.push_which, publish.push_timeout) == tuple(
         option_spec(name).default for name in ("push_revision", "push_which", "push_timeout")
     )
 

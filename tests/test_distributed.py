@@ -23,8 +23,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pytest_dpo import evaluate
-from pytest_dpo.config import ConfigError
-from pytest_dpo.distributed import RankFailed, World, reassemble, shard_positions, world_from_env
+from pytest_dpo.distributed import (
+    RankFailed,
+    World,
+    reassemble,
+    shard_positions,
+    world_from_env,
+)
+from pytest_dpo.options import ConfigError
 from pytest_dpo.results import PerExample, SequenceScores
 
 from .fixture_paths import BASE, EVAL_STANDARD, FULL_RUN
@@ -111,7 +117,8 @@ COLLECTIVES = """
     import json, os
     import torch
     from pytest_dpo.distributed import RankFailed, world_from_env
-    from pytest_dpo.results import SequenceScores
+    from dataclasses import fields
+    from pytest_dpo.results import SequenceScores, TokenStatistics
 
     world = world_from_env()
     world.start()
@@ -121,7 +128,8 @@ COLLECTIVES = """
         if world.rank == 1:
             raise ValueError("out of memory, say")
         values = torch.tensor(positions, dtype=torch.float32)
-        return {"policy": SequenceScores(*[values] * 11)}
+        statistics = {field.name: values for field in fields(TokenStatistics)}
+        return {"policy": SequenceScores(values, values, **statistics)}
 
     try:
         world.score_shards([3, 1, 2, 5, 4], fail_on_rank_1)

@@ -22,8 +22,15 @@ from hypothesis import strategies as st
 from pytest_dpo import metrics
 from pytest_dpo.metric_table import METRIC_NAMES, MOE_METRICS
 from pytest_dpo.results import ROUTER_FIELDS, PerExample, SequenceScores
-from pytest_dpo.settings import F_DIVERGENCE_LOSS_TYPES, PER_EXAMPLE_LOSS_TYPES, DPOSettings, SettingsError
+from pytest_dpo.settings import (
+    F_DIVERGENCE_LOSS_TYPES,
+    PER_EXAMPLE_LOSS_TYPES,
+    DPOSettings,
+    SettingsError,
+)
 from pytest_dpo.training_args import TRAINING_SETTING_FIELDS
+
+from .token_statistics import token_statistics
 
 EXAMPLE_MEAN_METRICS = (
     "loss",
@@ -526,7 +533,7 @@ def _scores_from_batch(batch: dict[str, torch.Tensor]) -> tuple[SequenceScores, 
     reference = SequenceScores(
         reference_logps[:half],
         reference_logps[half:],
-        *(zeros for _ in range(9)),
+        **token_statistics(zeros, zeros),
         chosen_shared_logps=reference_shared[:half],
         rejected_shared_logps=reference_shared[half:],
     )
@@ -725,7 +732,7 @@ def test_aggregate_means_and_token_weighted_ratios(
 
 def test_aggregate_empty_and_zero_token_conventions() -> None:
     """No rows: example means are nan; no scored tokens: TRL's `... if total_tokens > 0 else 0.0`."""
-    empty = SequenceScores(*(torch.zeros(0) for _ in range(11)))
+    empty = SequenceScores(torch.zeros(0), torch.zeros(0), **token_statistics(torch.zeros(0), torch.zeros(0)))
     aggregated = metrics.aggregate(metrics.build_per_example(torch.arange(0), empty, empty, DPOSettings()))
     assert math.isnan(aggregated["rewards/chosen"]) and math.isnan(aggregated["loss"])
     for name in TOKEN_WEIGHTED_METRICS:
@@ -968,15 +975,16 @@ def test_wpo_weight_exceeds_one_when_the_target_is_the_likelier_token() -> None:
     """p = (0.6, 0.4), target at 0.6: p(target) / sum_v p_v^2 = 0.6 / 0.52, so WPO weights are not capped at 1."""
     one = torch.ones(1, dtype=torch.int64)
     scores = SequenceScores(
-        *(torch.tensor([math.log(0.6)]),) * 2, one, one, one, one, *(torch.zeros(1),) * 4, one,
+        *(torch.tensor([math.log(0.6)]),) * 2,
+        **token_statistics(one, torch.zeros(1)) | {"chosen_top1": one},
         chosen_log_sum_sq_probs=torch.tensor([math.log(0.52)]),
         rejected_log_sum_sq_probs=torch.tensor([math.log(0.52)]),
-    )  # fmt: skip
+    )
     assert metrics.wpo_weights(scores).item() == pytest.approx((0.6 / 0.52) ** 2)
 
 
 def test_weighting_and_ld_alpha_need_the_sums_hand_built_scores_lack() -> None:
-    scores = SequenceScores(*(torch.zeros(2) for _ in range(11)))
+    scores = SequenceScores(torch.zeros(2), torch.zeros(2), **token_statistics(torch.zeros(2), torch.zeros(2)))
     for setting in ({"use_weighting": True}, {"ld_alpha": 0.5}):
         with pytest.raises(ValueError, match=f"{next(iter(setting))} needs per-sequence sums"):
             metrics.build_per_example(torch.arange(2), scores, scores, DPOSettings(**setting))

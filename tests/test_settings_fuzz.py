@@ -10,7 +10,8 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pytest_dpo.config import ALL_OPTIONS, ConfigError, RunConfig, read_run_config
+from pytest_dpo.config import RunConfig, read_run_config
+from pytest_dpo.options import ALL_OPTIONS, ConfigError
 from pytest_dpo.settings import DPOSettings, SettingsError
 
 SETTING_NAMES = [f.name for f in fields(DPOSettings)]

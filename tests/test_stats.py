@@ -34,6 +34,7 @@ from pytest_dpo.stats import (
 )
 
 from .docstring_examples import docstring_tests
+from .token_statistics import token_statistics
 
 SHA = "a" * 64
 FINITE = st.floats(min_value=-50.0, max_value=50.0, allow_nan=False, width=32)
@@ -57,7 +58,7 @@ def make_result(
     zeros = torch.zeros(count)
 
     def scores(chosen: torch.Tensor, rejected: torch.Tensor) -> SequenceScores:
-        return SequenceScores(chosen, rejected, tokens, tokens, tokens, tokens, zeros, zeros, zeros, zeros, zeros)
+        return SequenceScores(chosen, rejected, **token_statistics(tokens, zeros))
 
     reference = torch.full((count,), -12.0)
     policy = scores(

@@ -26,6 +26,7 @@ from pytest_dpo.settings import DPOSettings, SettingsError
 from pytest_dpo.strategies import eval_results, per_example_logps, preference_rows
 
 from .docstring_examples import docstring_tests
+from .token_statistics import token_statistics
 
 FAST = settings(deadline=None, max_examples=40)
 
@@ -111,10 +112,8 @@ def test_logps_feed_build_per_example(logps: dict[str, torch.Tensor]) -> None:
     tokens, zeros = torch.full((size,), 3), torch.zeros(size)
 
     def scores(prefix: str) -> SequenceScores:
-        return SequenceScores(
-            logps[f"{prefix}_chosen_logps"], logps[f"{prefix}_rejected_logps"],
-            tokens, tokens, tokens, tokens, zeros, zeros, zeros, zeros, zeros,
-        )  # fmt: skip
+        chosen, rejected = logps[f"{prefix}_chosen_logps"], logps[f"{prefix}_rejected_logps"]
+        return SequenceScores(chosen, rejected, **token_statistics(tokens, zeros))
 
     per_example = build_per_example(torch.arange(size), scores("policy"), scores("reference"), DPOSettings(beta=0.5))
     torch.testing.assert_close(per_example.margins, per_example.chosen_rewards - per_example.rejected_rewards)
