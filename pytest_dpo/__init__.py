@@ -38,6 +38,7 @@ _EXPORTS = {
     "Verdicts": "pytest_dpo.verdicts",
     "CheckpointVerdict": "pytest_dpo.verdicts",
     "Gate": "pytest_dpo.gates",
+    "DPOGateCallback": "pytest_dpo.training_gate",
 }
 
 __all__ = sorted(_EXPORTS)

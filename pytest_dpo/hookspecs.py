@@ -8,6 +8,7 @@ import pytest
 
 if TYPE_CHECKING:
     from .checkpoints import Checkpoint
+    from .publish import PublicationReport
     from .results import EvalResult
     from .verdicts import CheckpointVerdict
 
@@ -30,4 +31,20 @@ def pytest_dpo_checkpoint_verdict(
         def pytest_dpo_checkpoint_verdict(checkpoint, verdict, result):
             if verdict.passed:
                 notify_slack(f"{checkpoint.name} passed: {result.metrics['rewards/accuracies']:.2f}")
+    """
+
+
+@pytest.hookspec
+def pytest_dpo_published(publication: PublicationReport) -> None:
+    """Called once after the passing checkpoints were saved and pushed (`--dpo-save-dir`, `--dpo-push-to`),
+    on the process that publishes (the controller; rank 0 under torchrun).
+
+    Args:
+        publication (`PublicationReport`): `.lines`, what was saved and pushed where, and `.error`, what
+            stopped publishing, or None.
+
+    Example (conftest.py):
+        def pytest_dpo_published(publication):
+            if publication.error is None:
+                notify_slack("\n".join(publication.lines))
     """

@@ -220,6 +220,7 @@ class ActiveRun:
             self.publication = self._publish(session)
             if self.publication.error is not None:
                 session.exitstatus = pytest.ExitCode.TESTS_FAILED
+            self.config.hook.pytest_dpo_published(publication=self.publication)
         if self.dpo_session.config.report_dir and self.is_main:
             self.report_lines = self._write_report()
         if not self.is_main and session.exitstatus == pytest.ExitCode.TESTS_FAILED:
