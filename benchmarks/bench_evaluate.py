@@ -60,7 +60,7 @@ from pytest_dpo import evaluation, scoring  # noqa: E402
 from pytest_dpo.cache import ScoreCache  # noqa: E402
 from pytest_dpo.evalset import load_eval_set  # noqa: E402
 from pytest_dpo.metrics import aggregate  # noqa: E402
-from pytest_dpo.metric_table import METRIC_NAMES  # noqa: E402
+from pytest_dpo.metric_table import METRIC_NAMES, MOE_METRICS  # noqa: E402
 from pytest_dpo.checkpoints import Checkpoint, discover_checkpoints  # noqa: E402
 from pytest_dpo.loading import load_causal_lm  # noqa: E402
 from pytest_dpo.results import EvalResult, PerExample  # noqa: E402
@@ -94,7 +94,9 @@ PARITY_RELATIVE = 1e-5
 PARITY_ABSOLUTE = 1e-5
 # A reward margin this close to 0 is within fp32 rounding of the log-probs: its accuracy decision is a coin flip.
 TIE_MARGIN = 1e-4
-CONTINUOUS_METRICS = tuple(name for name in METRIC_NAMES if name != "rewards/accuracies")
+# The benchmark's model is dense: TRL reports no MoE metric for it.
+DENSE_METRICS = tuple(name for name in METRIC_NAMES if name not in MOE_METRICS)
+CONTINUOUS_METRICS = tuple(name for name in DENSE_METRICS if name != "rewards/accuracies")
 # Completion tokens per LM-head matmul in the bare lower bound: a 0.6 GB fp32 tile with Qwen2's vocab.
 BARE_HEAD_TOKENS = 1024
 RSS_INTERVAL_S = 0.01
@@ -440,7 +442,7 @@ def trl_checkpoint(checkpoint: Path, workload: Workload, rows: list[dict[str, An
         name=checkpoint.name,
         construct_s=times["construct"],
         evaluate_s=times["evaluate"],
-        metrics={name: float(metrics[f"eval_{name}"]) for name in METRIC_NAMES},
+        metrics={name: float(metrics[f"eval_{name}"]) for name in DENSE_METRICS},
         logps=trl_per_example_logps(trainer),
     )
 
@@ -640,10 +642,12 @@ def recording_logits(record: dict[str, int]) -> Iterator[None]:
     """Within: every `_completion_sums` call records its batch's full logits size and its largest logits chunk."""
     original = scoring._completion_sums
 
-    def recording_sums(hidden: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, head: Any, transform: Any) -> Any:
+    def recording_sums(
+        hidden: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, shared_lengths: torch.Tensor, head: Any, transform: Any
+    ) -> Any:
         full = hidden.shape[0] * (hidden.shape[1] + 1) * head.weight.shape[0]  # the model's logits cover every position
         record["full_elements"] = max(record.get("full_elements", 0), full)
-        return original(hidden, labels, mask, RecordingHead(head, record), transform)
+        return original(hidden, labels, mask, shared_lengths, RecordingHead(head, record), transform)
 
     with patched(scoring, "_completion_sums", recording_sums):
         yield
@@ -732,7 +736,7 @@ def trl_batch_metrics(p: PerExample, batch_size: int) -> dict[str, float]:
     batches = [slice(start, start + batch_size) for start in range(0, len(p), batch_size)]
     per_batch = [aggregate(_rows_of(p, part)) for part in batches]
     sizes = [len(p.rows[part]) for part in batches]
-    metrics = {name: sum(m[name] for m in per_batch) / len(per_batch) for name in METRIC_NAMES}
+    metrics = {name: sum(m[name] for m in per_batch) / len(per_batch) for name in DENSE_METRICS}
     metrics["loss"] = sum(m["loss"] * n for m, n in zip(per_batch, sizes)) / sum(sizes)
     return metrics
 
@@ -758,7 +762,7 @@ def parity(trl: list[TrlCheckpoint], dpo: DpoRun) -> dict[str, Any]:
         batch_means = trl_batch_metrics(result.per_example, SETTINGS.batch_size)
         replayed += _metric_differences(batch_means, checkpoint, CONTINUOUS_METRICS)
         accuracy += _metric_differences(batch_means, checkpoint, ("rewards/accuracies",))
-        whole_set += _metric_differences(result.metrics, checkpoint, METRIC_NAMES)
+        whole_set += _metric_differences(result.metrics, checkpoint, DENSE_METRICS)
         logps += _logp_differences(result.per_example, checkpoint)
         flips += _decision_flips(result.per_example, checkpoint)
     worst_replayed, worst_whole, worst_logps = max(replayed), max(whole_set), max(logps)
