@@ -15,6 +15,9 @@ from .checks import OPERATORS, check_metric
 from .metric_table import (
     BY_NAME,
     DEFAULT_INTERVAL_METHOD,
+    DIAGNOSTIC_NAMES,
+    DIAGNOSTICS_BY_NAME,
+    INTERVAL_DIAGNOSTICS,
     INTERVAL_METHODS,
     INTERVAL_METRICS,
     METRIC_NAMES,
@@ -36,10 +39,11 @@ class GateError(ValueError):
 
 @dataclass(frozen=True)
 class Gate:
-    """One gate, e.g. `rewards/accuracies >= 0.6`.
+    """One gate, e.g. `rewards/accuracies >= 0.6` or `diagnostics/likelihood_displacement <= 0.5`.
 
     Attributes:
-        metric (`str`): a TRL metric name (an `eval_` prefix is accepted and dropped).
+        metric (`str`): a TRL metric name (an `eval_` prefix is accepted and dropped) or a diagnostic
+            (`metric_table.DIAGNOSTIC_NAMES`).
         operator (`str`): one of `>=`, `>`, `<=`, `<`, `==`, `!=`.
         threshold (`float`): the number the metric is compared with.
         confidence (`float`, *optional*): with it, the interval's bound must clear the threshold.
@@ -78,10 +82,11 @@ def parse_gate(text: str, where: str) -> Gate:
             f"e.g. `rewards/accuracies >= 0.6`, with <op> one of {', '.join(OPERATORS)}."
         )
     metric = match.group("metric").removeprefix("eval_")
-    if metric not in METRIC_NAMES:
+    record = BY_NAME.get(metric) or DIAGNOSTICS_BY_NAME.get(metric)
+    if record is None:
         raise GateError(
             f"{where}: unknown metric {match.group('metric')!r} in gate {text.strip()!r}. "
-            f"Known metrics: {', '.join(METRIC_NAMES)}."
+            f"Known metrics: {', '.join(METRIC_NAMES)}. Known diagnostics: {', '.join(DIAGNOSTIC_NAMES)}."
         )
     confidence = None
     if match.group("confidence") is not None:
@@ -91,10 +96,10 @@ def parse_gate(text: str, where: str) -> Gate:
                 f"{where}: a confidence gate needs <, <=, > or >= and a level between 0 and 100%, "
                 f"e.g. `rewards/accuracies >= 0.6 @95%`; got {text.strip()!r}."
             )
-        if not BY_NAME[metric].has_interval:
+        if not record.has_interval:
             raise GateError(
-                f"{where}: {metric} is {BY_NAME[metric].kind_text}, so it has no per-example confidence interval. "
-                f"Confidence gates work for: {', '.join(INTERVAL_METRICS)}."
+                f"{where}: {metric} is {record.kind_text}, so it has no per-example confidence interval. "
+                f"Confidence gates work for: {', '.join(INTERVAL_METRICS + INTERVAL_DIAGNOSTICS)}."
             )
     method = match.group("method") or DEFAULT_INTERVAL_METHOD
     if method not in INTERVAL_METHODS:

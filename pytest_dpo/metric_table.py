@@ -2,7 +2,8 @@
 
 Aggregation (`metrics.aggregate`), intervals (`stats`), regressions (`paired`), the
 threshold check and its worst-row ranking (`checks`), gates, reports and the model
-card all read this table.
+card all read this table. pytest-dpo's own failure-mode diagnostics have a table of
+their own (`DIAGNOSTICS`, computed by `diagnostics`), so their names never mix with TRL's.
 Importable without torch.
 """
 
@@ -30,8 +31,29 @@ DEFAULT_INTERVAL_METHOD = "t"
 DEFAULT_CONFIDENCE = 0.95
 
 
+class _Measure:
+    """What a metric and a diagnostic share: a kind, a direction, an interval or none."""
+
+    kind: str
+    higher_is_better: bool
+    interval: Literal["wilson", "mean"] | None
+
+    @property
+    def has_interval(self) -> bool:
+        return self.interval is not None
+
+    @property
+    def worst_is_highest(self) -> bool:
+        return not self.higher_is_better
+
+    @property
+    def kind_text(self) -> str:
+        """How the value is computed, in words: `token-weighted (…)`, `one value over the eval set`."""
+        return _KIND_TEXTS[self.kind]
+
+
 @dataclass(frozen=True)
-class Metric:
+class Metric(_Measure):
     """One of TRL's DPO eval metrics (named without the `eval_` prefix).
 
     Attributes:
@@ -52,19 +74,6 @@ class Metric:
     interval: Literal["wilson", "mean"] | None
     label: str
     summary: bool = False
-
-    @property
-    def has_interval(self) -> bool:
-        return self.interval is not None
-
-    @property
-    def worst_is_highest(self) -> bool:
-        return not self.higher_is_better
-
-    @property
-    def kind_text(self) -> str:
-        """How the metric is computed, in words: `token-weighted (…)`, `one value over the eval set`."""
-        return _KIND_TEXTS[self.kind]
 
 
 METRICS = (
@@ -88,6 +97,66 @@ PER_EXAMPLE_METRICS = tuple(metric.name for metric in METRICS if metric.kind == 
 INTERVAL_METRICS = tuple(metric.name for metric in METRICS if metric.has_interval)
 MOE_METRICS = tuple(metric.name for metric in METRICS if metric.kind == WHOLE_SET)
 SUMMARY_METRICS = tuple(metric for metric in METRICS if metric.summary)
+
+DIAGNOSTIC_PREFIX = "diagnostics/"
+
+
+@dataclass(frozen=True)
+class Diagnostic(_Measure):
+    """One of pytest-dpo's own DPO failure-mode diagnostics: named under `diagnostics/`, never one of TRL's metrics.
+
+    `diagnostics.diagnose` computes them from the per-example arrays (`EvalResult.diagnostics`, apart from
+    `EvalResult.metrics`); gates and `checks.check_metric` judge them as they judge TRL's metrics.
+
+    Attributes:
+        name (`str`): e.g. `diagnostics/likelihood_displacement`.
+        kind (`str`): `per_example` (the mean of one value per row, `diagnostics.row_values`: a share of rows
+            or a mean change) or `whole_set` (a rank correlation over the rows).
+        higher_is_better (`bool`): the direction of an improvement.
+        interval (`str`, *optional*): `wilson` (a share), `mean` (t or bootstrap), None (no interval).
+        label (`str`): a short heading of its per-row values in a failure's list of worst rows.
+        definition (`str`): one line, as the README gives it.
+        ranked_by (`str`, *optional*): the diagnostic whose per-row values rank the rows a failure lists;
+            by default its own, or the margins for a diagnostic without per-row values.
+    """
+
+    name: str
+    kind: str
+    higher_is_better: bool
+    interval: Literal["wilson", "mean"] | None
+    label: str
+    definition: str
+    ranked_by: str | None = None
+
+
+DIAGNOSTICS = (
+    Diagnostic(
+        "diagnostics/likelihood_displacement", PER_EXAMPLE, False, "wilson", "displaced",
+        "the share of rows whose chosen log-prob under the policy fell below the reference's",
+        ranked_by="diagnostics/chosen_logps_change",
+    ),
+    Diagnostic(
+        "diagnostics/chosen_logps_change", PER_EXAMPLE, True, "mean", "chosen change",
+        "the mean over rows of the policy's chosen log-prob minus the reference's",
+    ),
+    Diagnostic(
+        "diagnostics/rejected_logps_change", PER_EXAMPLE, False, "mean", "rejected change",
+        "the mean over rows of the policy's rejected log-prob minus the reference's",
+    ),
+    # Lower is better: a positive correlation means the margin grows with the chosen completion's extra length.
+    Diagnostic(
+        "diagnostics/margin_length_correlation", WHOLE_SET, False, None, "margin-length",
+        "Spearman's rank correlation between the reward margin and the chosen-minus-rejected completion length "
+        "in tokens",
+    ),
+    Diagnostic(
+        "diagnostics/tied_rewards", PER_EXAMPLE, False, "wilson", "tied",
+        "the share of rows whose chosen and rejected rewards are equal",
+    ),
+)
+DIAGNOSTICS_BY_NAME = {diagnostic.name: diagnostic for diagnostic in DIAGNOSTICS}
+DIAGNOSTIC_NAMES = tuple(diagnostic.name for diagnostic in DIAGNOSTICS)
+INTERVAL_DIAGNOSTICS = tuple(diagnostic.name for diagnostic in DIAGNOSTICS if diagnostic.has_interval)
 
 
 def check_interval_method(method: str) -> None:

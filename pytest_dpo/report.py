@@ -18,6 +18,8 @@ from .metric_table import (
     BY_NAME,
     DEFAULT_CONFIDENCE,
     DEFAULT_INTERVAL_METHOD,
+    DIAGNOSTIC_NAMES,
+    INTERVAL_DIAGNOSTICS,
     METRIC_NAMES,
     PER_EXAMPLE_METRICS,
     SUMMARY_METRICS,
@@ -28,6 +30,7 @@ if TYPE_CHECKING:
     from .checkpoints import Checkpoint
     from .evalset import EvalSet
     from .results import EvalResult
+    from .stats import Interval
     from .verdicts import CheckpointVerdict
 
 # Raised only when readers must refuse older reports; optional additions (the verdict's `gates`) keep it.
@@ -73,6 +76,10 @@ class ReportEntry:
             reproduced (`CheckpointSettings.to_dict()`).
         non_finite_rows (`int`, *optional*): scored rows whose loss is NaN or infinite; as in TRL, they make
             `loss` and the other means over rows NaN.
+        diagnostics (`Mapping[str, float | None]`, *optional*): pytest-dpo's failure-mode diagnostics
+            (`EvalResult.diagnostics`); empty when the evaluation failed.
+        diagnostic_intervals (`Mapping`, *optional*): confidence intervals of the diagnostics that have one,
+            shaped as `intervals` (see `diagnostic_intervals`).
     """
 
     id: str
@@ -89,6 +96,8 @@ class ReportEntry:
     per_example: Mapping[str, list] = field(default_factory=dict)
     settings: Mapping[str, Any] = field(default_factory=dict)
     non_finite_rows: int = 0
+    diagnostics: Mapping[str, float | None] = field(default_factory=dict)
+    diagnostic_intervals: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -102,7 +111,7 @@ class ReportEntry:
             absent = [key for key in ("row", "prompt", "policy", "reference") if key not in sample]
             if absent:
                 raise ValueError(f"ReportEntry {self.id}: sample {row} lacks {', '.join(absent)}.")
-        for metric, interval in self.intervals.items():
+        for metric, interval in [*self.intervals.items(), *self.diagnostic_intervals.items()]:
             absent = [key for key in ("low", "high", "confidence", "method") if key not in interval]
             if absent:
                 raise ValueError(f"ReportEntry {self.id}: interval of {metric} lacks {', '.join(absent)}.")
@@ -121,7 +130,8 @@ def report_entry(
     """The report entry of a checkpoint from what a session holds; `result` is None when its evaluation failed.
 
     `checkpoint_id` is the checkpoint's unique id in the session (default: its folder name).
-    The entry's intervals are `metric_intervals(result)`: 95%, t (Wilson for the accuracy).
+    The entry's intervals are `metric_intervals(result)`: 95%, t (Wilson for the accuracy); its
+    diagnostics' are `diagnostic_intervals(result)`.
     """
     return ReportEntry(
         id=checkpoint_id or checkpoint.name,
@@ -138,6 +148,8 @@ def report_entry(
         per_example=result.per_example.to_dict() if result else {},
         settings=dict(settings or {}),
         non_finite_rows=int((~result.per_example.losses.isfinite()).sum()) if result else 0,
+        diagnostics=dict(result.diagnostics) if result else {},
+        diagnostic_intervals=diagnostic_intervals(result) if result else {},
     )
 
 
@@ -162,11 +174,29 @@ def metric_intervals(
         values_field = BY_NAME[name].field
         if values_field is not None and not bool(getattr(result.per_example, values_field).isfinite().all()):
             continue
-        interval = metric_interval(result, name, confidence, method)
-        intervals[name] = {
-            "low": interval.low, "high": interval.high, "confidence": interval.confidence, "method": interval.method,
-        }
+        intervals[name] = _interval_record(metric_interval(result, name, confidence, method))
     return intervals
+
+
+def diagnostic_intervals(
+    result: EvalResult, confidence: float = DEFAULT_CONFIDENCE, method: str = DEFAULT_INTERVAL_METHOD
+) -> dict[str, dict[str, Any]]:
+    """The confidence interval of each diagnostic that has one (`metric_table.INTERVAL_DIAGNOSTICS`), as
+    `ReportEntry.diagnostic_intervals` holds them: Wilson for the shares, `method` for the mean changes.
+
+    A NaN or infinite diagnostic has no interval; with fewer than two rows a mean's bounds are infinite.
+    """
+    from .stats import metric_interval
+
+    return {
+        name: _interval_record(metric_interval(result, name, confidence, method))
+        for name in INTERVAL_DIAGNOSTICS
+        if math.isfinite(result.diagnostics[name])
+    }
+
+
+def _interval_record(interval: Interval) -> dict[str, Any]:
+    return {"low": interval.low, "high": interval.high, "confidence": interval.confidence, "method": interval.method}
 
 
 def verdict_record(verdict: CheckpointVerdict) -> dict[str, Any]:
@@ -257,6 +287,10 @@ def _checkpoint_record(entry: ReportEntry) -> dict[str, Any]:
             "non_finite_rows": entry.non_finite_rows,
             "timings": {"evaluate_seconds": entry.evaluate_seconds},
             "intervals": {metric: dict(interval) for metric, interval in entry.intervals.items()},
+            "diagnostics": {
+                name: _float(entry.diagnostics[name]) for name in DIAGNOSTIC_NAMES if name in entry.diagnostics
+            },
+            "diagnostic_intervals": {name: dict(interval) for name, interval in entry.diagnostic_intervals.items()},
             "samples": [
                 {"row": int(s["row"]), "prompt": str(s["prompt"]), "policy": str(s["policy"]),
                  "reference": str(s["reference"])}

@@ -7,10 +7,11 @@ which tests are gates, and which gate each checks, is read from the verdict reco
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .gates import GateError, parse_gate
+from .metric_table import DIAGNOSTIC_NAMES, DIAGNOSTIC_PREFIX, DIAGNOSTICS_BY_NAME
 from .report import SUMMARY_COLUMNS
 from .report_terminal import format_value
 
@@ -21,9 +22,10 @@ _HELD_BACK_LABELS = {"failed": "failed", "error": "error", "not_run": "not run"}
 
 
 def render_markdown(report: Mapping[str, Any]) -> str:
-    """The report as GitHub-flavoured Markdown: overview table, why checkpoints were held back, samples.
+    """The report as GitHub-flavoured Markdown: overview table, why checkpoints were held back, the
+    diagnostics (checkpoints × diagnostics; left out for a report written without them), samples.
 
-    Each value in the table is followed by its confidence interval when the report has one,
+    Each value in a table is followed by its confidence interval when the report has one,
     e.g. `0.7188 [0.61, 0.81]`.
     """
     checkpoints = report["checkpoints"]
@@ -46,7 +48,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         "|:--|--:|" + "--:|" * len(columns) + ":--|",
     ]
     for checkpoint in checkpoints:
-        numbers = " | ".join(_number(checkpoint["metrics"].get(name)) + _interval(checkpoint, name) for name in columns)
+        numbers = _cells(checkpoint, columns)
         step = "—" if checkpoint["step"] is None else str(checkpoint["step"])
         verdict = "✅ passed" if checkpoint["verdict"]["passed"] else "❌ failed"
         lines.append(f"| {_markdown_cell(checkpoint['id'])} | {step} | {numbers} | {verdict} |")
@@ -65,6 +67,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     for checkpoint in checkpoints:
         if not checkpoint["verdict"]["passed"]:
             lines += ["", *_held_back(checkpoint)]
+    lines += _diagnostics(checkpoints)
     for checkpoint in checkpoints:
         if checkpoint.get("samples"):
             lines += ["", *_samples(checkpoint)]
@@ -73,9 +76,40 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _diagnostics(checkpoints: list[Mapping[str, Any]]) -> list[str]:
+    """The diagnostics table, columns named as gates name them without `diagnostics/`; empty without diagnostics."""
+    if not any(checkpoint.get("diagnostics") for checkpoint in checkpoints):
+        return []
+    lines = [
+        "",
+        f"## Diagnostics (`{DIAGNOSTIC_PREFIX}…`)",
+        "",
+        "| checkpoint | " + " | ".join(_column(name) for name in DIAGNOSTIC_NAMES) + " |",
+        "|:--|" + "--:|" * len(DIAGNOSTIC_NAMES),
+    ]
+    for checkpoint in checkpoints:
+        lines.append(f"| {_markdown_cell(checkpoint['id'])} | {_cells(checkpoint, DIAGNOSTIC_NAMES)} |")
+    return lines + _intervals_legend(checkpoints, list(DIAGNOSTIC_NAMES))
+
+
+def _cells(checkpoint: Mapping[str, Any], names: Sequence[str]) -> str:
+    """Each named metric's or diagnostic's value with its interval, as table cells."""
+    return " | ".join(_number(_value(checkpoint, name)) + _interval(checkpoint, name) for name in names)
+
+
+def _column(name: str) -> str:
+    return name.removeprefix(DIAGNOSTIC_PREFIX)
+
+
+def _value(checkpoint: Mapping[str, Any], name: str) -> float | None:
+    """A metric's or a diagnostic's value in a checkpoint record; None when it has none."""
+    values = checkpoint.get("diagnostics", {}) if name in DIAGNOSTICS_BY_NAME else checkpoint["metrics"]
+    return values.get(name)
+
+
 def _interval(checkpoint: Mapping[str, Any], metric: str) -> str:
     """` [low, high]` after a value, empty without bounds: two decimals, more (up to four) for a narrow interval."""
-    interval = checkpoint.get("intervals", {}).get(metric)
+    interval = _interval_of(checkpoint, metric)
     if interval is None or interval["low"] is None or interval["high"] is None:
         return ""
     low, high = interval["low"], interval["high"]
@@ -87,15 +121,20 @@ def _intervals_legend(checkpoints: list[Mapping[str, Any]], columns: list[str]) 
     """What the brackets in the table are: each confidence level and method, with the metrics it applies to."""
     kinds: dict[tuple[float, str], list[str]] = {}
     for name in columns:
-        for interval in (checkpoint.get("intervals", {}).get(name) for checkpoint in checkpoints):
+        for interval in (_interval_of(checkpoint, name) for checkpoint in checkpoints):
             if interval is not None:
                 names = kinds.setdefault((interval["confidence"], interval["method"]), [])
-                if name not in names:
-                    names.append(name)
+                if _column(name) not in names:
+                    names.append(_column(name))
     if not kinds:
         return []
     parts = [f"{confidence * 100:g}% {method} for {', '.join(names)}" for (confidence, method), names in kinds.items()]
     return ["", f"Brackets: confidence intervals, {'; '.join(parts)}."]
+
+
+def _interval_of(checkpoint: Mapping[str, Any], name: str) -> Mapping[str, Any] | None:
+    intervals = checkpoint.get("diagnostic_intervals" if name in DIAGNOSTICS_BY_NAME else "intervals", {})
+    return intervals.get(name)
 
 
 def _held_back(checkpoint: Mapping[str, Any]) -> list[str]:
@@ -120,7 +159,7 @@ def _gate_line(label: str, text: str, checkpoint: Mapping[str, Any]) -> str:
         gate = parse_gate(text, f"gate of {checkpoint['id']}")
     except GateError:
         return head
-    value = _number(checkpoint["metrics"].get(gate.metric))
+    value = _number(_value(checkpoint, gate.metric))
     interval = _interval(checkpoint, gate.metric)
     return f"{head}: {gate.metric} = **{value}**{interval}, required {gate.operator} {gate.threshold:g}"
 

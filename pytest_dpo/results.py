@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
+from functools import cached_property
 from typing import Any
 
 import torch
+
+from .diagnostics import diagnose
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -148,6 +151,8 @@ class EvalResult:
         eval_set_sha256 (`str`): canonical content hash of the eval set.
         settings (`dict`): the `DPOSettings` used, as plain values.
         prompts (`list[str]`): a short text of each eval-set row's prompt, for messages.
+
+    pytest-dpo's own failure-mode diagnostics are apart from TRL's metrics, in `diagnostics`.
     """
 
     checkpoint: str
@@ -164,6 +169,12 @@ class EvalResult:
     def num_examples(self) -> int:
         """How many rows were scored."""
         return len(self.per_example)
+
+    @cached_property
+    def diagnostics(self) -> dict[str, float]:
+        """pytest-dpo's failure-mode diagnostics (`diagnostics/…`, see `metric_table.DIAGNOSTICS`), computed
+        from `per_example`, so a result read back from a report has them too."""
+        return diagnose(self.per_example)
 
     def __repr__(self) -> str:
         shown = ", ".join(

@@ -4,8 +4,8 @@ Pure functions on per-example arrays (torch tensors or sequences of floats): no
 models, no pytest, no files. An eval set of 64 rows measures `rewards/accuracies`
 to within roughly ±0.12, so a gate on the point estimate alone passes and fails
 checkpoints by chance; the intervals here say how far the number can be trusted.
-Which metrics have an interval, and of which kind, is read from `metric_table`;
-the paired regression test built on these pieces lives in `paired`.
+Which metrics and diagnostics have an interval, and of which kind, is read from
+`metric_table`; the paired regression test built on these pieces lives in `paired`.
 
 Distributions come from `scipy.stats` (normal and Student t quantiles), imported
 only when an interval is computed, so a run that computes none never loads scipy.
@@ -20,7 +20,16 @@ from typing import Any
 
 import torch
 
-from .metric_table import BY_NAME, INTERVAL_METRICS, Metric, check_interval_method
+from .diagnostics import row_values
+from .metric_table import (
+    BY_NAME,
+    DIAGNOSTICS_BY_NAME,
+    INTERVAL_DIAGNOSTICS,
+    INTERVAL_METRICS,
+    Diagnostic,
+    Metric,
+    check_interval_method,
+)
 from .results import PerExample
 
 __all__ = [
@@ -236,17 +245,21 @@ def metric_interval(
     resamples: int = 2000,
     seed: int = 0,
 ) -> Interval:
-    """Confidence interval of one of TRL's per-example metrics of a result.
+    """Confidence interval of one of TRL's per-example metrics, or of a diagnostic, of a result.
 
     The kind of interval is the metric's in `metric_table`: `rewards/accuracies`
     gets the Wilson interval (`method` does not apply); the other per-example
     metrics are example means and get `mean_interval` of their per-example
     values. The token-weighted metrics (`logits/*`, `entropy`,
     `mean_token_accuracy`) and `aux_loss` have no per-example values and are refused.
+    Diagnostics alike: a share of rows (`diagnostics/likelihood_displacement`,
+    `diagnostics/tied_rewards`) gets the Wilson interval, a mean change the mean's
+    interval of its per-row values (`diagnostics.row_values`); the rank correlation is refused.
 
     Args:
         result (`EvalResult` or `PerExample`): the evaluation, e.g. the `dpo_result` fixture.
-        metric (`str`): a name from `metric_table.INTERVAL_METRICS`, with or without TRL's `eval_` prefix.
+        metric (`str`): a name from `metric_table.INTERVAL_METRICS`, with or without TRL's `eval_` prefix,
+            or from `metric_table.INTERVAL_DIAGNOSTICS`.
         confidence (`float`, *optional*, defaults to `0.95`): the nominal coverage.
         method (`str`, *optional*, defaults to `"t"`): `"t"` or `"bootstrap"`, see `mean_interval`.
         resamples (`int`, *optional*, defaults to `2000`): bootstrap resamples.
@@ -264,6 +277,13 @@ def metric_interval(
             assert metric_interval(dpo_result, "rewards/margins").low > 0
         ```
     """
+    if metric in DIAGNOSTICS_BY_NAME:
+        record = _interval_diagnostic(metric)
+        values = row_values(per_example_of(result), metric)
+        if record.interval == "wilson":
+            check_finite(values, metric)
+            return wilson_interval(int(values.sum()), len(values), confidence)
+        return mean_interval(values, confidence, method=method, resamples=resamples, seed=seed)
     record = interval_metric(metric)
     if record.interval == "wilson":
         return accuracy_interval(result, confidence)
@@ -322,6 +342,17 @@ def interval_metric(metric: str) -> Metric:
             f"confidence bounds are supported only for per-example metrics: {supported}."
         )
     raise ValueError(f"Unknown metric '{metric}'. Confidence bounds are supported for per-example metrics: {supported}.")
+
+
+def _interval_diagnostic(diagnostic: str) -> Diagnostic:
+    """The table's record of `diagnostic`; refused unless it has per-row values and so an interval."""
+    record = DIAGNOSTICS_BY_NAME[diagnostic]
+    if not record.has_interval:
+        raise ValueError(
+            f"Diagnostic '{diagnostic}' is {record.kind_text} and has no per-row values; confidence bounds are "
+            f"supported for the diagnostics {', '.join(INTERVAL_DIAGNOSTICS)}."
+        )
+    return record
 
 
 def bootstrap_means(values: torch.Tensor, resamples: int, seed: int) -> torch.Tensor:

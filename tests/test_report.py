@@ -17,7 +17,12 @@ import torch
 from PIL import Image, ImageStat
 
 from pytest_dpo.__main__ import main
-from pytest_dpo.metric_table import PER_EXAMPLE_METRICS, SUMMARY_METRICS
+from pytest_dpo.diagnostics import diagnose
+from pytest_dpo.metric_table import (
+    DIAGNOSTIC_NAMES,
+    PER_EXAMPLE_METRICS,
+    SUMMARY_METRICS,
+)
 from pytest_dpo.report import (
     ReportEntry,
     build_report,
@@ -319,7 +324,9 @@ def test_report_entry_from_a_session_checkpoint() -> None:
     verdicts.expect("checkpoint-6", "t::a[checkpoint-6]")
     checkpoint = SimpleNamespace(name="checkpoint-4", path=Path("run/checkpoint-4"), step=4, kind="adapter")
     per_example = SimpleNamespace(to_dict=lambda: {"rows": [0, 2]}, losses=torch.tensor([0.5, float("nan")]))
-    result = SimpleNamespace(metrics={"loss": 0.5}, num_examples=2, dropped_rows=[1], per_example=per_example)
+    # NaN diagnostics have no intervals, so the stand-in per-example arrays are never read for one.
+    result = SimpleNamespace(metrics={"loss": 0.5}, num_examples=2, dropped_rows=[1], per_example=per_example,
+                             diagnostics=dict.fromkeys(DIAGNOSTIC_NAMES, math.nan))
     entry = report_entry(checkpoint, verdicts["checkpoint-4"], result, evaluate_seconds=0.5)
     assert entry == ReportEntry(
         id="checkpoint-4", path="run/checkpoint-4", step=4, kind="adapter",
@@ -327,7 +334,7 @@ def test_report_entry_from_a_session_checkpoint() -> None:
                                                               "error": [], "skipped": [], "not_run": []},
                  "gates": {}},
         metrics={"loss": 0.5}, scored_rows=2, dropped_rows=[1], evaluate_seconds=0.5, per_example={"rows": [0, 2]},
-        non_finite_rows=1,
+        non_finite_rows=1, diagnostics=result.diagnostics,
     )
     failed = SimpleNamespace(name="checkpoint-6", path=Path("run/checkpoint-6"), step=6, kind="model")
     entry = report_entry(failed, verdicts["checkpoint-6"], None)
@@ -371,7 +378,7 @@ def result_of(margins: list[float]) -> SimpleNamespace:
         ("logps/rejected", "policy_rejected_logps"))}
     metrics["rewards/accuracies"] = float((per_example.margins > 0).float().mean())
     return SimpleNamespace(checkpoint="c", metrics=metrics | {"entropy": 0.5}, per_example=per_example,
-                           num_examples=len(margins), dropped_rows=[])
+                           num_examples=len(margins), dropped_rows=[], diagnostics=diagnose(per_example))
 
 
 def test_every_per_example_metric_gets_an_interval_with_its_level_and_method() -> None:

@@ -42,7 +42,8 @@ def test_report_files_describe_every_checkpoint_and_its_verdict(
     per_example = json.loads((pytester.path / "out" / "dpo_per_example.json").read_text())
     assert len(per_example["checkpoint-6"]["margins"]) == 24
     markdown = (pytester.path / "out" / "dpo_summary.md").read_text()
-    assert markdown.count("| checkpoint-") == 3 and "❌ checkpoint-2 held back" in markdown
+    # A row per checkpoint in the metrics table and in the diagnostics table.
+    assert markdown.count("| checkpoint-") == 2 * 3 and "❌ checkpoint-2 held back" in markdown
     assert summary.read_text().startswith("earlier step\n") and "❌ checkpoint-2 held back" in summary.read_text()
 
 
@@ -62,7 +63,7 @@ def test_a_real_run_reports_intervals_and_names_a_failed_gate_from_its_verdict_r
     gate_id = "dpo-gate[checkpoint-4: rewards/accuracies >= 0.6 @95%]"
     assert checkpoint["verdict"]["tests"]["failed"] == [gate_id] and checkpoint["verdict"]["gates"] == {gate_id: gate}
     markdown = (pytester.path / "out" / "dpo_summary.md").read_text()
-    [row] = [line for line in markdown.splitlines() if line.startswith("| checkpoint-4")]
+    [row, _diagnostics_row] = [line for line in markdown.splitlines() if line.startswith("| checkpoint-4")]
     assert row.count(" [") == len(SUMMARY_METRICS), row
     low, high = (checkpoint["intervals"]["rewards/accuracies"][bound] for bound in ("low", "high"))
     assert f"- failed gate `{gate}`: rewards/accuracies = **0.6667** [{low:.2f}, {high:.2f}], required >= 0.6" in markdown

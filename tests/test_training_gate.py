@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import transformers.utils.hub
 import trl
 from datasets import Dataset
 from transformers import AutoTokenizer, TrainerCallback, TrainingArguments
@@ -66,6 +67,8 @@ class WaitForVerdict(TrainerCallback):
 @pytest.fixture
 def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[HubServer]:
     monkeypatch.delenv("PYTEST_ADDOPTS", raising=False)
+    # transformers keeps one HfApi, made with the endpoint of its first use (maybe an earlier test's): make a new one.
+    monkeypatch.setattr(transformers.utils.hub, "_hf_api", None)
     with (
         HubServer(tmp_path / "hub-storage", tokens={SECRET: "tester"}) as server,
         hub_environment(server, tmp_path / "hf-home", SECRET),
