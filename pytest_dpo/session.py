@@ -241,15 +241,16 @@ class DPOSession:
 
         Returns the baseline checkpoint to evaluate, or None when it is a saved report (loaded here).
         """
+        from .report_files import REPORT_JSON_FILE, ReportError, baseline_from_report
+
         path = Path(self.config.baseline or "")
         where = option_spec("baseline").both
         if not path.exists():
             raise ConfigError(
                 f"{where}: {path}: not found (resolved from {Path.cwd()}). Give the last release's checkpoint folder, "
-                f"or the dpo_report.json (or its folder) that a run with {option_spec('report').flag} wrote."
+                f"or the {REPORT_JSON_FILE} (or its folder) that a run with {option_spec('report').flag} wrote."
             )
-        if path.is_file() or (path / "dpo_report.json").exists():
-            from .report_files import ReportError, baseline_from_report
+        if path.is_file() or (path / REPORT_JSON_FILE).exists():
 
             try:
                 self._baseline = baseline_from_report(path)

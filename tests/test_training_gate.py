@@ -382,7 +382,9 @@ DISTRIBUTED_TRAINING = """
     )
     trainer.train()
     verdicts = [[verdict.step, verdict.passed] for verdict in gate.verdicts]
-    print("rank", os.environ["RANK"], json.dumps({"step": trainer.state.global_step, "verdicts": verdicts}), flush=True)
+    # A file per rank: the ranks' stdout lines interleave.
+    with open(f"rank-{os.environ['RANK']}.json", "w") as handle:
+        json.dump({"step": trainer.state.global_step, "verdicts": verdicts}, handle)
     # As any torchrun script should: a process group left to interpreter exit can abort gloo's threads.
     torch.distributed.destroy_process_group()
 """
@@ -397,9 +399,9 @@ def test_under_torchrun_rank_zero_gates_alone_and_every_rank_stops_with_it(gate_
     ran = subprocess.run(command, check=False, cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=300)
     assert ran.returncode == 0, ran.stdout[-3000:] + ran.stderr[-3000:]
 
-    ranks = dict(line.split(" ", 2)[1:] for line in ran.stdout.splitlines() if line.startswith("rank "))
+    ranks = {rank: json.loads((tmp_path / f"rank-{rank}.json").read_text()) for rank in ("0", "1")}
     # Rank 0 alone ran the gate; its failure at step 1 stopped both ranks there (a rank going on alone would hang).
-    assert {rank: json.loads(outcome) for rank, outcome in ranks.items()} == {
+    assert ranks == {
         "0": {"step": 1, "verdicts": [[1, False]]},
         "1": {"step": 1, "verdicts": []},
     }
