@@ -8,8 +8,9 @@ in `plugin_run`. Nothing here imports torch, transformers or peft: a pytest run 
 
 from __future__ import annotations
 
+import difflib
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -71,6 +72,7 @@ def pytest_load_initial_conftests(early_config: pytest.Config, args: list[str]) 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "dpo_checkpoint(name): set by pytest-dpo on the tests of one checkpoint")
+    _refuse_unknown_options(config.invocation_params.args)
     try:
         run_config = read_run_config(config.getoption, _ini_reader(config), config.inipath.parent if config.inipath else None)
     except ConfigError as error:
@@ -83,6 +85,21 @@ def pytest_configure(config: pytest.Config) -> None:
     from .plugin_run import ActiveRun
 
     config.pluginmanager.register(ActiveRun(config, dpo_session), "dpo-active-run")
+
+
+def _refuse_unknown_options(args: Sequence[str]) -> None:
+    """A mistyped `--dpo-*` option (`--dpo-gates=…`) is taken by pytest for a test path: name it and the closest one."""
+    known = sorted(spec.flag for spec in ALL_OPTIONS)
+    for arg in args:
+        if arg == "--":
+            return
+        flag = str(arg).split("=", 1)[0]
+        if flag.startswith("--dpo-") and flag not in known:
+            close = difflib.get_close_matches(flag, known, n=1)
+            hint = f" Did you mean {close[0]}?" if close else ""
+            raise pytest.UsageError(
+                f"{flag}: no such pytest-dpo option.{hint} `pytest --help` lists them under 'DPO checkpoint testing'."
+            )
 
 
 def _ini_reader(config: pytest.Config) -> Callable[[str], Any]:

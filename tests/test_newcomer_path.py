@@ -40,6 +40,17 @@ def test_a_regression_with_no_row_flipped_fails_with_its_message() -> None:
     assert "0 rows flipped from right to wrong" in message
 
 
+@pytest.mark.parametrize("dist", [[], ["-n", "2"]])
+def test_a_mistyped_option_is_named_with_the_closest_one_instead_of_taken_for_a_test_path(
+    pytester: pytest.Pytester, dist: list[str]
+) -> None:
+    pytester.makepyfile(test_release=MARGIN_TEST)
+    result = pytester.runpytest_subprocess(f"--dpo-checkpoint={FULL_RUN}", "--dpo-gates=loss < 1", *dist)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert "--dpo-gates: no such pytest-dpo option. Did you mean --dpo-gate?" in result.stderr.str()
+    assert "file or directory not found" not in result.stderr.str() + result.stdout.str()
+
+
 def test_checkpoint_path_after_a_space_reads_the_projects_ini(pytester: pytest.Pytester) -> None:
     """`pytest --dpo-checkpoint /data/runs/dpo` from a project whose pytest.ini holds the eval set and the gates."""
     (pytester.path / "pytest.ini").write_text(GATES_INI)
