@@ -10,7 +10,9 @@ scores serve all of them: an entry holds the sums they are computed from
 (LD-DPO's shared-length sums depend on each row pair's lengths, which the
 token ids in the key fix).
 
-Entries are safetensors files (no pickle), written to a temporary file and
+The tokenized eval set is kept too (`tokenization_key`: eval-set content,
+tokenizer files, transformers' version, truncation), so a run whose scores
+are all cached needs no tokenizer. Score entries are safetensors files (no pickle), written to a temporary file and
 renamed into place, so a crash never leaves a half-written entry under its
 name; an entry that cannot be read or does not fit is removed and recomputed.
 `CACHE_FORMAT` is part of the key and of each entry, so entries written
@@ -25,9 +27,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from .atomic import write_atomic_with
+from .atomic import write_atomic, write_atomic_with
 from .results import ROUTER_FIELDS, SequenceScores
-from .tokenization import TokenizedEvalSet
+from .tokenization import TokenizedEvalSet, TokenizedRow
 
 # 2: entries hold the log sum p^2 and LD-DPO shared-length sums, and top-1 hits break ties as TRL does.
 # 3: entries of mixture-of-experts models hold their router sums (a format-2 entry of one would lack them).
@@ -40,6 +42,15 @@ def tokens_digest(tokenized: TokenizedEvalSet, max_length: int | None, truncatio
     for row in tokenized.rows:
         digest.update(json.dumps([row.row, row.prompt_ids, row.chosen_ids, row.rejected_ids]).encode())
     return digest.hexdigest()
+
+
+def tokenization_key(eval_set_sha256: str, tokenizer_fingerprint: str, max_length: int | None, truncation_mode: str) -> str:
+    """The key of an eval set's tokenized rows: its content, the tokenizer's files, transformers' version (which
+    tokenizes) and the truncation that decides which rows TRL drops."""
+    from importlib.metadata import version
+
+    parts = [CACHE_FORMAT, eval_set_sha256, tokenizer_fingerprint, version("transformers"), max_length, truncation_mode]
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
 
 
 def cache_key(model_fingerprint: str, dtype: str, device: str, tokens: str) -> str:
@@ -87,6 +98,35 @@ class ScoreCache:
         self.directory.mkdir(parents=True, exist_ok=True)
         tensors = {name: values.contiguous() for name, values in _present(scores).items()}
         write_atomic_with(self._path(key), lambda path: save_file(tensors, path, metadata={"format": str(CACHE_FORMAT)}))
+
+    def get_tokens(self, key: str) -> TokenizedEvalSet | None:
+        """The tokenized eval set stored under `key` (see `tokenization_key`), or None.
+
+        So a run whose scores are all cached loads no tokenizer, hence neither transformers nor peft.
+        """
+        path = self._tokens_path(key)
+        if path is None or not path.exists():
+            return None
+        try:
+            stored = json.loads(path.read_text(encoding="utf-8"))
+            rows = [TokenizedRow(*row) for row in stored["rows"]]
+            return TokenizedEvalSet(rows=rows, dropped_rows=list(stored["dropped_rows"]))
+        except (ValueError, KeyError, TypeError):  # unreadable: tokenized again and rewritten
+            self.stats.rebuilt += 1
+            path.unlink(missing_ok=True)
+            return None
+
+    def put_tokens(self, key: str, tokenized: TokenizedEvalSet) -> None:
+        path = self._tokens_path(key)
+        if path is None:
+            return
+        rows = [[row.row, row.prompt_ids, row.chosen_ids, row.rejected_ids] for row in tokenized.rows]
+        text = json.dumps({"rows": rows, "dropped_rows": tokenized.dropped_rows}, separators=(",", ":"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, text.encode("utf-8"))
+
+    def _tokens_path(self, key: str) -> Path | None:
+        return None if self.directory is None else self.directory / f"tokens-{key}.json"
 
     def _path(self, key: str) -> Path:
         assert self.directory is not None

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
-from .cache import ScoreCache, cache_key, tokens_digest
+from .cache import ScoreCache, cache_key, tokenization_key, tokens_digest
 from .checkpoints import (
     Checkpoint,
     CheckpointError,
@@ -29,9 +29,10 @@ from .loading import (
     load_reference,
     load_tokenizer,
 )
+from .lock import tokenizer_fingerprint
 from .metrics import aggregate, build_per_example
 from .moe import enabled_aux_loss, refuse_coef_without_router
-from .references import reference_fingerprint, resolve_reference
+from .references import reference_fingerprint, resolve_reference, tokenizer_folder
 from .results import EvalResult, Sample, SequenceScores
 from .run_settings import ARGUMENT, FROM_RUN, FromRun, resolve_settings
 from .samples import GenerationSettings, generate_completions, pair_samples
@@ -242,13 +243,19 @@ class CheckpointEvaluation:
 
     @cached_property
     def tokenized(self) -> TokenizedEvalSet:
-        """The rows TRL scores, tokenized as TRL does, and the rows it drops.
+        """The rows TRL scores, tokenized as TRL does, and the rows it drops; from the cache when it has them
+        (then no tokenizer is loaded).
 
         Raises:
             EvalSetError: TRL would drop every row.
         """
         settings = self.settings
-        tokenized = tokenize_eval_set(self.eval_set, self.tokenizer, settings.max_length, settings.truncation_mode)
+        key = self._tokenization_key()
+        tokenized = self.cache.get_tokens(key) if self.cache is not None and key is not None else None
+        if tokenized is None:
+            tokenized = tokenize_eval_set(self.eval_set, self.tokenizer, settings.max_length, settings.truncation_mode)
+            if self.cache is not None and key is not None:
+                self.cache.put_tokens(key, tokenized)
         if not tokenized.rows:
             raise EvalSetError(
                 f"{self.eval_set.path}: every row's prompt alone fills max_length={settings.max_length} tokens, so TRL "
@@ -256,6 +263,17 @@ class CheckpointEvaluation:
                 "shorten the prompts."
             )
         return tokenized
+
+    def _tokenization_key(self) -> str | None:
+        """The tokenized rows' cache key, or None where the tokenizer's files do not say all it does (one read
+        from the Hub by name, or one that runs its repo's code)."""
+        folder = tokenizer_folder(self.checkpoint, self.reference)
+        if folder is None or self.options.trust_remote_code:
+            return None
+        settings = self.settings
+        return tokenization_key(
+            self.eval_set.sha256, tokenizer_fingerprint(folder), settings.max_length, settings.truncation_mode
+        )
 
     def score(self, progress: bool = False) -> EvalResult:
         """TRL's metrics and the per-example arrays; models run only for scores the cache lacks.

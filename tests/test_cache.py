@@ -187,7 +187,7 @@ def test_a_corrupt_entry_is_rebuilt_not_used(tmp_path: Path, damage: str) -> Non
 
 def test_no_partial_files_are_left_in_the_cache(tmp_path: Path) -> None:
     run(FULL_RUN / "checkpoint-4", ScoreCache(tmp_path))
-    assert sorted(path.suffix for path in tmp_path.iterdir()) == [".safetensors", ".safetensors"]
+    assert sorted(path.suffix for path in tmp_path.iterdir()) == [".json", ".safetensors", ".safetensors"]
 
 
 def test_second_pytest_run_scores_nothing(pytester: pytest.Pytester) -> None:
@@ -196,3 +196,44 @@ def test_second_pytest_run_scores_nothing(pytester: pytest.Pytester) -> None:
     pytester.runpytest(*options).stdout.fnmatch_lines(["score cache: 2 hits, 4 misses, 0 rebuilt (*scores)"])
     pytester.runpytest(*options).stdout.fnmatch_lines(["score cache: 6 hits, 0 misses, 0 rebuilt (*scores)"])
     pytester.runpytest(*options, "--dpo-no-cache").stdout.fnmatch_lines(["score cache: 2 hits, 4 misses, 0 rebuilt (memory only)"])
+
+
+LOADED_MODULES = """
+import json, sys
+
+
+def pytest_unconfigure(config):
+    with open("loaded.json", "w") as handle:
+        json.dump(sorted(name for name in ("torch", "transformers", "peft") if name in sys.modules), handle)
+"""
+
+
+@pytest.mark.parametrize("run_folder", [FULL_RUN, LORA_RUN])
+def test_a_run_whose_scores_are_all_cached_loads_neither_transformers_nor_peft(
+    pytester: pytest.Pytester, run_folder: Path
+) -> None:
+    pytester.makeconftest(LOADED_MODULES)
+    pytester.makepyfile(test_m="def test_m(dpo_metrics):\n    assert dpo_metrics['loss'] > 0\n")
+    options = [f"--dpo-checkpoint={run_folder}", f"--dpo-reference={BASE}", f"--dpo-eval-set={EVAL_STANDARD}"]
+    options += ["--dpo-cache-dir=scores", "-p", "no:cacheprovider"]
+    cold = pytester.runpytest_subprocess(*options)
+    cold.assert_outcomes(passed=len(discover_checkpoints(run_folder)))
+    assert "transformers" in json.loads((pytester.path / "loaded.json").read_text())
+
+    warm = pytester.runpytest_subprocess(*options)
+    warm.assert_outcomes(passed=len(discover_checkpoints(run_folder)))
+    warm.stdout.fnmatch_lines(["score cache: * hits, 0 misses, 0 rebuilt (*scores)"])
+    assert json.loads((pytester.path / "loaded.json").read_text()) == ["torch"]
+
+
+def test_tokenized_rows_are_cached_by_eval_set_tokenizer_and_truncation(tmp_path: Path) -> None:
+    first = run(FULL_RUN / "checkpoint-4", ScoreCache(tmp_path))
+    token_files = sorted(tmp_path.glob("tokens-*.json"))
+    assert len(token_files) == 1
+    cache = ScoreCache(tmp_path)
+    assert run(FULL_RUN / "checkpoint-4", cache).metrics == first.metrics
+    run(FULL_RUN / "checkpoint-4", cache, max_length=64)
+    assert len(sorted(tmp_path.glob("tokens-*.json"))) == 2
+    token_files[0].write_text("{broken")
+    assert run(FULL_RUN / "checkpoint-4", ScoreCache(tmp_path)).metrics == first.metrics
+
