@@ -142,7 +142,10 @@ def test_ctrl_c_while_scoring_publishes_nothing_and_caches_no_partial_scores(
     assert REPO not in hub.repos
     # Whole entries only: the base, checkpoint-2 and checkpoint-4; nothing of checkpoint-6's cut-short scoring.
     entries = sorted(path.name for path in (suite.path / "scores").iterdir())
-    assert len(entries) == 3 and all(name.endswith(".safetensors") and not name.startswith(".") for name in entries)
+    assert not [name for name in entries if name.startswith(".")]
+    assert len([name for name in entries if name.endswith(".safetensors")]) == 3
+    # and the tokenized eval set, written before any scoring (one tokenizer for the whole run).
+    assert len([name for name in entries if name.startswith("tokens-") and name.endswith(".json")]) == 1
 
 
 def test_an_error_in_a_fixture_setup_or_teardown_holds_its_checkpoint_back(
