@@ -118,6 +118,9 @@ def test_ctrl_c_while_scoring_publishes_nothing_and_caches_no_partial_scores(
         import os, signal
         import torch
 
+        # Ctrl-C as at a terminal, even where this process was started with SIGINT ignored (inherited across exec).
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
         def ctrl_c_in_checkpoint_6(module, args, output):
             name = str(getattr(getattr(module, "config", None), "_name_or_path", ""))
             if type(module).__name__ == "LlamaModel" and name.endswith("checkpoint-6"):
