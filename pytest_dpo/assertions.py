@@ -137,7 +137,7 @@ def assert_metrics_finite(result: EvalResult) -> None:
 
     counted = [count(n, noun) for n, noun in ((len(bad_metrics), "metric"), (len(bad_positions), "row")) if n]
     verb = "is" if len(bad_metrics) + len(bad_positions) == 1 else "are"
-    lines = [f"{result.checkpoint}: {' and '.join(counted)} {verb} not finite ({scored(result)})"]
+    lines = [f"{result.scope}: {' and '.join(counted)} {verb} not finite ({scored(result)})"]
     if bad_metrics:
         listed = ", ".join(f"{name} = {number(value)}" for name, value in bad_metrics.items())
         lines += textwrap.wrap(listed, WIDTH, initial_indent="metrics: ", subsequent_indent="  ")
@@ -190,7 +190,7 @@ def assert_no_regression(
     if not comparison.regressed:
         return
     headline = (
-        f"{result.checkpoint}: {metric} regressed against {baseline.checkpoint}: "
+        f"{result.scope}: {metric} regressed against {baseline.checkpoint}: "
         f"{number(comparison.baseline_value)} -> {number(comparison.candidate_value)} "
         f"(difference {comparison.interval}, tolerance {number(tolerance)}, N={comparison.n} paired rows)"
     )
@@ -212,7 +212,7 @@ def _assert_metric(
     __tracebackhide__ = True
     failure = check_metric(result, metric, operator, threshold, confidence=confidence, method=method)
     if failure is not None:
-        raise AssertionError(f"{result.checkpoint}: {failure}")
+        raise AssertionError(f"{result.scope}: {failure}")
 
 
 def _float_arrays(per_example: PerExample) -> dict[str, torch.Tensor]:

@@ -140,7 +140,7 @@ def _metric_value(result: EvalResult, metric: str) -> float:
         return float(result.metrics[metric])
     except KeyError:
         raise KeyError(
-            f"{result.checkpoint} has no metric '{metric}' (it has: {', '.join(result.metrics)}; "
+            f"{result.scope} has no metric '{metric}' (it has: {', '.join(result.metrics)}; "
             f"and the diagnostics {', '.join(DIAGNOSTIC_NAMES)}). "
             "Build the result with `pytest_dpo.evaluate` so it carries all of TRL's metrics."
         ) from None

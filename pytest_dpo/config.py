@@ -5,11 +5,13 @@ No pytest import here: the plugin turns `ConfigError` into `pytest.UsageError`.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .eval_sets import EvalSetSpec, EvalSetSpecError, with_options
 from .gates import Gate
 from .options import (
     ALL_OPTIONS,
@@ -54,7 +56,7 @@ class RunConfig:
 
     checkpoints: tuple[str, ...]
     reference: str | None
-    eval_set: str | None
+    eval_sets: tuple[EvalSetSpec, ...]
     settings: DPOSettings
     gates: tuple[Gate, ...]
     # The settings given on the command line or in the ini file, each with where: they win over the run's own.
@@ -68,6 +70,7 @@ class RunConfig:
     update_lock: bool = False
     samples: int = option_spec("samples").default
     generation: GenerationSettings = option_spec("generation").default
+    subset_column: str | None = None
 
     @property
     def active(self) -> bool:
@@ -94,6 +97,11 @@ def read_run_config(
     def given(spec: OptionSpec) -> Given | None:
         if value := option(spec.dest):
             return Given(value, COMMAND_LINE, spec.flag)
+        older = ini(spec.ini_alias) if spec.ini_alias else None
+        if older and (value := ini(spec.ini)):
+            return Given([*older, *value], INI, f"{spec.ini_alias} / {spec.ini}", ini_dir)
+        if older:
+            return Given(older, INI, spec.ini_alias, ini_dir)
         if value := ini(spec.ini):
             return Given(value, INI, spec.ini, ini_dir)
         return None
@@ -106,13 +114,14 @@ def read_run_config(
         settings = DPOSettings.from_text({name: values[name] for name in explicit_settings})
     except SettingsError as error:
         raise setting_error(error) from None
+    eval_sets = _with_options(values["eval_set"], values["eval_set_options"], found.get("eval_set_options"))
     config = RunConfig(
         checkpoints=values["checkpoint"],
         reference=values["reference"],
-        eval_set=values["eval_set"],
+        eval_sets=eval_sets,
         settings=settings,
         explicit_settings=explicit_settings,
-        gates=values["gate"],
+        gates=_gates_per_set(values["gate"], [spec.name for spec in eval_sets]),
         publish=PublishConfig(**{spec.name: values[spec.name] for spec in PUBLISH_OPTIONS}),
         cache_dir=values["cache_dir"],
         use_cache=not values["no_cache"],
@@ -122,10 +131,36 @@ def read_run_config(
         update_lock=values["update_lock"],
         samples=values["samples"],
         generation=values["generation"],
+        subset_column=values["subset_column"],
     )
-    if config.active and config.eval_set is None:
+    if config.active and not config.eval_sets:
         raise ConfigError(
             f"{option_spec('eval_set').both}: no eval set given. Pass the frozen preference eval set the checkpoints "
-            "are scored on."
+            "are scored on (several as NAME=PATH)."
         )
     return config
+
+
+def _with_options(
+    specs: tuple[EvalSetSpec, ...], options: Mapping[str, Mapping[str, str]], given: Given | None
+) -> tuple[EvalSetSpec, ...]:
+    try:
+        return with_options(specs, options, given.where if given else "")
+    except EvalSetSpecError as error:
+        raise ConfigError(str(error)) from None
+
+
+def _gates_per_set(gates: tuple[Gate, ...], names: list[str]) -> tuple[Gate, ...]:
+    """Every gate with its eval set checked; in a run with several sets, a gate without a prefix becomes one per set."""
+    per_set: list[Gate] = []
+    for gate in gates:
+        if gate.eval_set is not None and names and gate.eval_set not in names:
+            raise ConfigError(
+                f"{gate.where}: gate {str(gate)!r} names eval set {gate.eval_set!r}, which this run does not have. "
+                f"Known eval sets: {', '.join(names)}."
+            )
+        if gate.eval_set is None and len(names) > 1:
+            per_set += [dataclasses.replace(gate, eval_set=name) for name in names]
+        else:
+            per_set.append(gate)
+    return tuple(dict.fromkeys(per_set))

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from .results import SequenceScores
 
 T = TypeVar("T")
+K = TypeVar("K")
 REQUIRED_ENV = ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -180,17 +181,20 @@ class World:
                 f"{option('checkpoint')} and {option('eval_set')} files (on several nodes: the same paths with the same content)."
             )
 
-    def score_shards(
-        self, lengths: Sequence[int], score_rows: Callable[[list[int]], dict[str, SequenceScores]]
-    ) -> dict[str, SequenceScores]:
-        """Score this rank's shard with `score_rows(positions)` and return every rank's shards reassembled.
+    def score_parts(
+        self,
+        lengths: Mapping[K, Sequence[int]],
+        score_rows: Callable[[dict[K, list[int]]], dict[K, dict[str, SequenceScores]]],
+    ) -> dict[K, dict[str, SequenceScores]]:
+        """Score this rank's shard of every part (an eval set's rows) with one `score_rows({part: positions})`
+        call, and return every rank's shards reassembled per part and role.
 
         If any rank fails, every rank raises: the failing rank its own error,
         the others `RankFailed` naming it, so no rank waits for a shard that never comes.
         """
-        positions = shard_positions(lengths, self.rank, self.world_size)
+        positions = {part: shard_positions(part_lengths, self.rank, self.world_size) for part, part_lengths in lengths.items()}
         try:
-            mine: dict[str, SequenceScores] | str = score_rows(positions)
+            mine: dict[K, dict[str, SequenceScores]] | str = score_rows(positions)
             error = None
         except Exception as raised:
             mine, error = f"{type(raised).__name__}: {raised}", raised
@@ -200,5 +204,11 @@ class World:
         failures = [f"rank {rank}: {scores}" for rank, (_, scores) in enumerate(everything) if isinstance(scores, str)]
         if failures:
             raise RankFailed(f"scoring failed on {'; '.join(failures)}")
-        roles = everything[0][1]
-        return {role: reassemble([(shard, scores[role]) for shard, scores in everything], len(lengths)) for role in roles}
+        merged: dict[K, dict[str, SequenceScores]] = {}
+        for part, part_lengths in lengths.items():
+            shards = [(shard[part], scores[part]) for shard, scores in everything if shard[part]]
+            roles = {role for _, by_role in shards for role in by_role}
+            merged[part] = {
+                role: reassemble([(rows, by_role[role]) for rows, by_role in shards], len(part_lengths)) for role in roles
+            }
+        return merged

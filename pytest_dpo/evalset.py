@@ -25,6 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .spelling import option
+
+HUB_PREFIX = "hub:"
 MESSAGE_ROLES = ("system", "user", "assistant", "tool", "developer")
 PREFERENCE_FIELDS = ("prompt", "chosen", "rejected")
 TEMPLATE_FIELDS = ("tools", "chat_template_kwargs")
@@ -61,6 +64,9 @@ class EvalSet:
             `chat_template_kwargs` on standard-format rows, which TRL ignores), sorted.
         notes (`tuple[str, ...]`): how the source was read where it is not plain,
             e.g. `MESSAGES_AS_TEXT_NOTE` when message lists were stored as text.
+        revision (`str`, *optional*): for an eval set read from the Hub, the commit sha it was read at.
+        subsets (`tuple[str, ...]`, *optional*): each row's value of the subset column, as text, when
+            `load_eval_set` was given `subset_column` and the set has that column; None otherwise.
     """
 
     path: str
@@ -71,6 +77,8 @@ class EvalSet:
     sha256: str
     ignored_columns: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
+    revision: str | None = None
+    subsets: tuple[str, ...] | None = None
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -92,13 +100,17 @@ class EvalSet:
         return " ".join(str(prompt).split())
 
 
-def load_eval_set(source: str | Path | Sequence[dict[str, Any]]) -> EvalSet:
+def load_eval_set(source: str | Path | Sequence[dict[str, Any]], subset_column: str | None = None) -> EvalSet:
     """Load and validate a preference eval set.
 
     Args:
         source (`str`, `Path` or a list of row dicts): a `.jsonl`, `.json`,
             `.parquet` or `.csv` file, a folder written by `datasets`'
-            `save_to_disk`, or the rows themselves.
+            `save_to_disk`, a Hub dataset as `hub:org/name[:split][@revision]`
+            (read with `datasets`; see `evalset_hub`), or the rows themselves.
+        subset_column (`str`, *optional*): a column that splits the rows into
+            subsets (e.g. `subset`, `source`); a set without that column has no
+            subsets, and in a set with it every row must have a value.
 
     Raises:
         EvalSetError: the file is missing, unreadable, not UTF-8 or empty, a row
@@ -121,12 +133,20 @@ def load_eval_set(source: str | Path | Sequence[dict[str, Any]]) -> EvalSet:
         read_source,  # here: evalset_files imports EvalSetError from this module
     )
 
-    name, raw_rows, locations = read_source(source)
+    revision = None
+    if isinstance(source, str) and source.startswith(HUB_PREFIX):
+        from .evalset_hub import read_hub_source
+
+        name, raw_rows, locations, revision = read_hub_source(source)
+    else:
+        name, raw_rows, locations = read_source(source)
     if not raw_rows:
         raise EvalSetError(f"{name}: the eval set has no rows. Add preference rows with 'chosen' and 'rejected'.")
     _refuse_vision_rows(raw_rows, locations)
     raw_rows, notes = _read_messages_stored_as_text(raw_rows, locations)
     rows, conversational, implicit = _validate(raw_rows, locations)
+    subsets = None if subset_column is None else _subset_labels(raw_rows, locations, subset_column)
+    ignored = _ignored_columns(raw_rows, conversational)
     return EvalSet(
         path=name,
         rows=rows,
@@ -134,9 +154,28 @@ def load_eval_set(source: str | Path | Sequence[dict[str, Any]]) -> EvalSet:
         conversational=conversational,
         implicit_prompt=implicit,
         sha256=canonical_sha256(rows),
-        ignored_columns=_ignored_columns(raw_rows, conversational),
+        ignored_columns=ignored if subsets is None else tuple(column for column in ignored if column != subset_column),
         notes=notes,
+        revision=revision,
+        subsets=subsets,
     )
+
+
+def _subset_labels(raw_rows: list[dict[str, Any]], locations: list[str], column: str) -> tuple[str, ...] | None:
+    """Each row's value of the subset column as text, None for a set without the column; a row without a value
+    is an error naming it."""
+    if not any(column in raw for raw in raw_rows):
+        return None
+    labels = []
+    for raw, location in zip(raw_rows, locations, strict=True):
+        value = raw.get(column)
+        if value is None or isinstance(value, (dict, list)) or str(value).strip() == "":
+            raise EvalSetError(
+                f"{location}: {column!r} is {'missing' if value is None else repr(value)}, but every row needs a "
+                f"subset name (text or a number) in it. Fill it in, or drop {option('subset_column')}."
+            )
+        labels.append(str(value))
+    return tuple(labels)
 
 
 def canonical_sha256(rows: Sequence[dict[str, Any]]) -> str:

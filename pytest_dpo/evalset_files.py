@@ -69,7 +69,7 @@ def _read_path(path: Path) -> tuple[list[Any], list[str]]:
         return _read_json(path)
     if suffix == ".csv":
         return _read_csv(path)
-    return _read_arrow_rows(path, _parquet_table(path))
+    return read_arrow_rows(path, _parquet_table(path))
 
 
 def _read_text(path: Path, encoding: str = "utf-8", fix: str = "Save the file as UTF-8.") -> str:
@@ -156,7 +156,8 @@ def _parquet_table(path: Path) -> Any:
         raise EvalSetError(f"{path}: not a readable parquet file ({error}). Re-export the eval set.") from None
 
 
-def _read_arrow_rows(path: Path, table: Any) -> tuple[list[Any], list[str]]:
+def read_arrow_rows(path: str | Path, table: Any) -> tuple[list[Any], list[str]]:
+    """A pyarrow table's rows with Arrow's null filling undone, each located as `{path} row {index}`."""
     try:
         records = table.to_pylist()
     except Exception as error:  # as above: pyarrow's conversion errors have no common base
@@ -215,7 +216,7 @@ def _read_saved_dataset(path: Path) -> tuple[list[Any], list[str]]:
         table = pa.concat_tables(tables) if tables else pa.table({})
     except Exception as error:  # pyarrow raises several unrelated types for mismatched files
         raise EvalSetError(f"{path}: its data files do not fit together ({error}). {resave}") from None
-    return _read_arrow_rows(path, table)
+    return read_arrow_rows(path, table)
 
 
 def _saved_data_files(path: Path, state: Any, state_file: Path, resave: str) -> list[Path]:

@@ -18,6 +18,7 @@ from .checkpoints import (
     discover_checkpoints,
     policy_fingerprint,
 )
+from .eval_sets import DEFAULT_EVAL_SET
 from .evalset import EvalSet, EvalSetError, load_eval_set
 from .loading import (
     LoadOptions,
@@ -202,6 +203,7 @@ class CheckpointEvaluation:
         cache (`ScoreCache`, *optional*): per-example scores to reuse and to add to.
         world (`World`, *optional*): the torchrun ranks; every rank must build this with the same
             arguments, rank 0's cache decides what is scored, and each rank scores a shard of the rows.
+        eval_set_name (`str`, *optional*): the eval set's name in the run, carried into the result.
 
     Raises:
         CheckpointError: the reference cannot be resolved, or the settings ask for what the model lacks.
@@ -215,9 +217,11 @@ class CheckpointEvaluation:
         settings: DPOSettings,
         cache: ScoreCache | None = None,
         world: World | None = None,
+        eval_set_name: str = DEFAULT_EVAL_SET,
     ) -> None:
         self.checkpoint = checkpoint
         self.eval_set = eval_set
+        self.eval_set_name = eval_set_name
         self.settings = settings
         self.options = LoadOptions.of(settings)
         self.reference = resolve_reference(checkpoint, reference, allow_pickle=self.options.allow_pickle)
@@ -280,6 +284,10 @@ class CheckpointEvaluation:
 
         With `progress`, a bar on stderr (rows/s, ETA) while models score.
         """
+        return score_together([self], progress)[0]
+
+    def _cached(self) -> tuple[dict[str, str], dict[str, SequenceScores | None]]:
+        """Each role's cache key, and its scores where the cache has them (rank 0's cache decides for all ranks)."""
         tokenized, settings = self.tokenized, self.settings
         tokens = tokens_digest(tokenized, settings.max_length, settings.truncation_mode)
         keys = {
@@ -290,28 +298,7 @@ class CheckpointEvaluation:
         cached = {role: cache.get(key, len(tokenized.rows)) if cache else None for role, key in keys.items()}
         if self.world is not None:
             cached = self.world.on_main(lambda: cached)
-        missing = [role for role, scores in cached.items() if scores is None]
-
-        def score_rows(positions: list[int]) -> dict[str, SequenceScores]:
-            shard = TokenizedEvalSet([tokenized.rows[position] for position in positions], tokenized.dropped_rows)
-            bar = _progress_bar(self.checkpoint.name, len(missing) * len(positions)) if progress else None
-            try:
-                on_batch = bar.update if bar is not None else None
-                return self._for_each_model(missing, lambda model: self._score(model, shard, on_batch))
-            finally:
-                if bar is not None:
-                    bar.close()
-
-        fresh: dict[str, SequenceScores] = {}
-        if missing and self.world is None:
-            fresh = score_rows(list(range(len(tokenized.rows))))
-        elif missing and self.world is not None:
-            lengths = [row.length(settings.max_length) for row in tokenized.rows]
-            fresh = self.world.score_shards(lengths, score_rows)
-        if cache is not None:
-            for role, scores in fresh.items():
-                cache.put(keys[role], scores)
-        return self._result(cached | fresh)
+        return keys, cached
 
     def load(self, role: str) -> Any:
         """The `policy` or `reference` model on its own, on the evaluation's device (free it with `release_model`).
@@ -332,12 +319,14 @@ class CheckpointEvaluation:
         prompts = [row.prompt_ids for row in rows]
         memo_key = (self.reference.describe(), *map(tuple, prompts))
         roles = ["policy"] if memo_key in reference_memo else ["policy", "reference"]
-        texts = self._for_each_model(roles, lambda model: generate_completions(model, self.tokenizer, prompts, generation))
+        texts = self._for_each_model(
+            roles, lambda role, model: generate_completions(model, self.tokenizer, prompts, generation)
+        )
         reference_memo.setdefault(memo_key, texts.get("reference", []))
         return pair_samples(rows, self.tokenizer, texts["policy"], reference_memo[memo_key])
 
-    def _for_each_model(self, roles: Sequence[str], use: Callable[[Any], T]) -> dict[str, T]:
-        """`use(model)` for each role (`policy`, `reference`), one model in memory at a time.
+    def _for_each_model(self, roles: Sequence[str], use: Callable[[str, Any], T]) -> dict[str, T]:
+        """`use(role, model)` for each role (`policy`, `reference`), one model in memory at a time.
 
         A PEFT checkpoint whose reference is its base is one model for both:
         the base is used with the adapter disabled.
@@ -346,19 +335,24 @@ class CheckpointEvaluation:
         if self.reference.kind == "base":
             model = self._load(load_policy, self.checkpoint)
             if "policy" in roles:
-                done["policy"] = use(model)
+                done["policy"] = use("policy", model)
             if "reference" in roles:
                 with model.disable_adapter():
-                    done["reference"] = use(model)
+                    done["reference"] = use("reference", model)
             del model
             free_memory()
             return done
         for role in roles:
             model = self.load(role)
-            done[role] = use(model)
+            done[role] = use(role, model)
             del model
             free_memory()
         return done
+
+    def rows_at(self, positions: list[int]) -> TokenizedEvalSet:
+        """The tokenized rows at `positions` (indices into `tokenized.rows`)."""
+        tokenized = self.tokenized
+        return TokenizedEvalSet([tokenized.rows[position] for position in positions], tokenized.dropped_rows)
 
     def _load(self, loader: Callable[..., Any], source: Any) -> Any:
         return loader(source, device=self.device, dtype=self.dtype, options=self.options)
@@ -394,7 +388,60 @@ class CheckpointEvaluation:
             eval_set_sha256=data.sha256,
             settings={**settings.to_dict(), "device": self.device, "dtype": self.precision},
             prompts=[data.prompt_text(index)[:PROMPT_SNIPPET_CHARS] for index in range(len(data))],
+            eval_set_name=self.eval_set_name,
+            subset_labels=None if data.subsets is None else list(data.subsets),
         )
+
+
+def score_together(evaluations: Sequence[CheckpointEvaluation], progress: bool = False) -> list[EvalResult]:
+    """The results of one checkpoint on several eval sets (one `CheckpointEvaluation` each, same checkpoint and
+    reference), each model loaded once for all of them; models run only for scores the cache lacks.
+
+    Under torchrun every rank scores a shard of every set's rows with one load per model.
+    """
+    first = evaluations[0]
+    planned = [evaluation._cached() for evaluation in evaluations]
+    missing = {index: [role for role, scores in cached.items() if scores is None] for index, (_, cached) in enumerate(planned)}
+    roles = [role for role in ("policy", "reference") if any(role in wanted for wanted in missing.values())]
+
+    def score_parts(positions: dict[int, list[int]]) -> dict[int, dict[str, SequenceScores]]:
+        jobs = [(index, role) for index, rows in positions.items() if rows for role in missing[index]]
+        total = sum(len(positions[index]) for index, _ in jobs)
+        bar = _progress_bar(first.checkpoint.name, total) if progress else None
+
+        def use(role: str, model: Any) -> dict[int, SequenceScores]:
+            on_batch = bar.update if bar is not None else None
+            return {
+                index: evaluations[index]._score(model, evaluations[index].rows_at(positions[index]), on_batch)
+                for index, wanted in jobs
+                if wanted == role
+            }
+
+        try:
+            by_role = first._for_each_model(roles, use)
+        finally:
+            if bar is not None:
+                bar.close()
+        return {index: {role: by_role[role][index] for role in roles if index in by_role[role]} for index in positions}
+
+    fresh: dict[int, dict[str, SequenceScores]] = {}
+    if roles and first.world is None:
+        fresh = score_parts({index: list(range(len(evaluation.tokenized.rows))) for index, evaluation in enumerate(evaluations)})
+    elif roles and first.world is not None:
+        lengths = {
+            index: [row.length(evaluation.settings.max_length) for row in evaluation.tokenized.rows]
+            for index, evaluation in enumerate(evaluations)
+            if missing[index]
+        }
+        fresh = first.world.score_parts(lengths, score_parts)
+    results = []
+    for index, (evaluation, (keys, cached)) in enumerate(zip(evaluations, planned, strict=True)):
+        scored = fresh.get(index, {})
+        if evaluation.cache is not None:
+            for role, scores in scored.items():
+                evaluation.cache.put(keys[role], scores)
+        results.append(evaluation._result({**cached, **scored}))
+    return results
 
 
 def _single_checkpoint(spec: str | Path, options: LoadOptions) -> Checkpoint:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from .checks import OPERATORS, check_metric
@@ -26,6 +26,8 @@ from .metric_table import (
 if TYPE_CHECKING:
     from .results import EvalResult
 
+# `safety: …` or `helpful/math: …`: the set a gate is for, and optionally a subset of it.
+_PREFIX = re.compile(r"^\s*(?P<eval_set>[A-Za-z0-9_][A-Za-z0-9_.-]*)(?:/(?P<subset>[^:]*[^:\s][^:]*))?\s*:(?P<rest>.*)$")
 _GATE = re.compile(
     r"^\s*(?P<metric>[A-Za-z_][\w/]*)\s*(?P<op>>=|<=|==|!=|>|<)\s*"
     r"(?P<threshold>[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)"
@@ -48,6 +50,10 @@ class Gate:
         threshold (`float`): the number the metric is compared with.
         confidence (`float`, *optional*): with it, the interval's bound must clear the threshold.
         method (`str`, *optional*, defaults to `"t"`): how a mean's interval is computed (`t` or `bootstrap`).
+        eval_set (`str`, *optional*): the eval set it judges (`safety: …`); None: the run's only set, and,
+            in a run with several, one gate per set (`config.read_run_config` makes them).
+        subset (`str`, *optional*): the subset of `eval_set` it judges (`helpful/math: …`).
+        where (`str`): where it was written (`dpo_gates line 2`), for messages; not part of its identity.
     """
 
     metric: str
@@ -55,12 +61,22 @@ class Gate:
     threshold: float
     confidence: float | None = None
     method: str = DEFAULT_INTERVAL_METHOD
+    eval_set: str | None = None
+    subset: str | None = None
+    where: str = field(default="", compare=False, repr=False)
 
     def __str__(self) -> str:
         suffix = f" @{self.confidence * 100:g}%" if self.confidence is not None else ""
         if self.method != DEFAULT_INTERVAL_METHOD:
             suffix += f" {self.method}"
-        return f"{self.metric} {self.operator} {self.threshold:g}{suffix}"
+        return f"{self.scope_prefix}{self.metric} {self.operator} {self.threshold:g}{suffix}"
+
+    @property
+    def scope_prefix(self) -> str:
+        """`safety: `, `helpful/math: `, or nothing for a gate on the run's only eval set."""
+        if self.eval_set is None:
+            return ""
+        return f"{self.eval_set}/{self.subset}: " if self.subset is not None else f"{self.eval_set}: "
 
     def check(self, result: EvalResult) -> str | None:
         """None when `result` passes the gate; otherwise why not (see `checks.check_metric`).
@@ -74,12 +90,23 @@ class Gate:
 
 
 def parse_gate(text: str, where: str) -> Gate:
-    """Parse one gate line; `where` names its place (`dpo_gates line 2`) in errors."""
+    """Parse one gate line, with its optional `set:` or `set/subset:` prefix; `where` names its place
+    (`dpo_gates line 2`) in errors and in the gate."""
+    eval_set = subset = None
+    prefix = _PREFIX.match(text)
+    if prefix is not None:
+        eval_set, subset = prefix.group("eval_set"), prefix.group("subset")
+        subset = subset.strip() if subset is not None else None
+        gate = parse_gate(prefix.group("rest"), where)
+        if gate.eval_set is not None:
+            raise GateError(f"{where}: gate {text.strip()!r} has two eval-set prefixes. Write one, e.g. `safety: …`.")
+        return replace(gate, eval_set=eval_set, subset=subset)
     match = _GATE.match(text)
     if match is None:
         raise GateError(
             f"{where}: cannot read gate {text.strip()!r}. Write `<metric> <op> <number>`, "
-            f"e.g. `rewards/accuracies >= 0.6`, with <op> one of {', '.join(OPERATORS)}."
+            f"e.g. `rewards/accuracies >= 0.6`, with <op> one of {', '.join(OPERATORS)}, optionally after an "
+            "eval set and subset: `safety: …`, `helpful/math: …`."
         )
     metric = match.group("metric").removeprefix("eval_")
     record = BY_NAME.get(metric) or DIAGNOSTICS_BY_NAME.get(metric)
@@ -107,7 +134,7 @@ def parse_gate(text: str, where: str) -> Gate:
             f"{where}: unknown interval method {method!r} in gate {text.strip()!r}. Write one of "
             f"{', '.join(INTERVAL_METHODS)} after the level, e.g. `rewards/margins > 0 @95% bootstrap`."
         )
-    return Gate(metric, match.group("op"), float(match.group("threshold")), confidence, method)
+    return Gate(metric, match.group("op"), float(match.group("threshold")), confidence, method, where=where)
 
 
 def parse_gates(lines: Sequence[str], source: str = "dpo_gates") -> tuple[Gate, ...]:

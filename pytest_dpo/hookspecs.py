@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 
 @pytest.hookspec
 def pytest_dpo_checkpoint_verdict(
-    checkpoint: Checkpoint, verdict: CheckpointVerdict, result: EvalResult | None
+    checkpoint: Checkpoint, verdict: CheckpointVerdict, result: EvalResult | None, results: dict[str, EvalResult] | None
 ) -> None:
     """Called once per checkpoint at the end of the session, on the controller only.
 
@@ -25,7 +25,8 @@ def pytest_dpo_checkpoint_verdict(
     Args:
         checkpoint (`Checkpoint`): the checkpoint (name, path, kind, step).
         verdict (`CheckpointVerdict`): `.passed`, `.summary` and the node ids per outcome.
-        result (`EvalResult`, *optional*): its evaluation, or None if it was never evaluated.
+        result (`EvalResult`, *optional*): its evaluation on the default eval set, or None if it was never evaluated.
+        results (`dict[str, EvalResult]`, *optional*): its evaluation on every eval set, by name, or None.
 
     Example (conftest.py):
         def pytest_dpo_checkpoint_verdict(checkpoint, verdict, result):

@@ -15,6 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .eval_sets import (
+    EvalSetSpec,
+    EvalSetSpecError,
+    parse_eval_set_options,
+    parse_eval_set_values,
+)
 from .gates import Gate, GateError, parse_gates
 from .samples import DEFAULT_MAX_NEW_TOKENS, GenerationError, GenerationSettings
 from .settings import (
@@ -65,6 +71,7 @@ class OptionSpec:
         ini_type (`str`): pytest's `addini` type (`string`, `bool`, `paths`, `linelist`).
         repeatable (`bool`): may be given several times on the command line.
         ini_key (`str`, *optional*): the ini key, where it is not `dpo_<name>`.
+        ini_alias (`str`, *optional*): an older ini key of the same type that is read too (its lines first).
         is_flag (`bool`): an on/off switch, given without a value on the command line.
         default (`Any`): the value when the option is given nowhere.
         default_words (`str`, *optional*): the default in words, where it is decided later or its value is no text
@@ -78,6 +85,7 @@ class OptionSpec:
     ini_type: str = "string"
     repeatable: bool = False
     ini_key: str | None = None
+    ini_alias: str | None = None
     is_flag: bool = False
     default: Any = None
     default_words: str | None = None
@@ -103,6 +111,11 @@ class OptionSpec:
         return self.ini_key or self.dest
 
     @property
+    def ini_keys(self) -> tuple[str, ...]:
+        """The ini key, and the older one read too."""
+        return (self.ini, self.ini_alias) if self.ini_alias else (self.ini,)
+
+    @property
     def both(self) -> str:
         return f"{self.flag} / {self.ini}"
 
@@ -113,7 +126,7 @@ class OptionSpec:
             return self.default_words
         if self.is_flag:
             return "off"
-        if self.default is None or self.default == ():
+        if self.default is None or self.default in ((), {}):
             return None
         return value_text(self.default)
 
@@ -142,6 +155,20 @@ def _output_folder(spec: OptionSpec, given: Given) -> str:
     if Path(folder).exists() and not Path(folder).is_dir():
         raise ConfigError(f"{spec.both}: {folder} is a file, not a folder. Give a folder path (it is created if missing).")
     return folder
+
+
+def _eval_sets(spec: OptionSpec, given: Given) -> tuple[EvalSetSpec, ...]:
+    try:
+        return parse_eval_set_values(given.value, given.where, given.relative_to)
+    except EvalSetSpecError as error:
+        raise ConfigError(str(error)) from None
+
+
+def _eval_set_options(spec: OptionSpec, given: Given) -> dict[str, dict[str, str]]:
+    try:
+        return parse_eval_set_options(given.value, given.where)
+    except EvalSetSpecError as error:
+        raise ConfigError(str(error)) from None
 
 
 def _gates(spec: OptionSpec, given: Given) -> tuple[Gate, ...]:
@@ -240,8 +267,29 @@ RUN_OPTIONS = (
     ),
     OptionSpec(
         "eval_set",
-        "preference eval set: .jsonl, .json, .parquet, .csv or a datasets save_to_disk folder",
-        read=_input_path,
+        "a preference eval set as NAME=PATH (a bare PATH is the set 'default'): .jsonl, .json, .parquet, .csv, a "
+        "datasets save_to_disk folder, or hub:org/dataset[:split][@revision]; repeatable, replacing the ini sets; "
+        "one per line in the ini file",
+        ini_type="linelist",
+        repeatable=True,
+        ini_key="dpo_eval_sets",
+        ini_alias="dpo_eval_set",
+        default=(),
+        read=_eval_sets,
+    ),
+    OptionSpec(
+        "eval_set_options",
+        "an eval set's own tokenization as 'NAME: max_length=N truncation_mode=keep_end', winning over the run's "
+        "for that set; one set per line in the ini file; repeatable",
+        ini_type="linelist",
+        repeatable=True,
+        default={},
+        read=_eval_set_options,
+    ),
+    OptionSpec(
+        "subset_column",
+        "split every eval set into subsets by this column's value (e.g. subset, source), for subset gates "
+        "('helpful/math: rewards/margins > 0') and result.subset(...)",
     ),
     OptionSpec(
         "baseline",

@@ -28,6 +28,7 @@ DPO_FIXTURES = frozenset(
     {
         "dpo_checkpoint",
         "dpo_result",
+        "dpo_results",
         "dpo_metrics",
         "dpo_model",
         "dpo_reference_model",
@@ -39,6 +40,10 @@ DPO_FIXTURES = frozenset(
 SESSION = pytest.StashKey["DPOSession | None"]()
 VERDICTS = pytest.StashKey[Verdicts]()
 _NO_CHECKPOINT = "no-dpo-checkpoint"
+EVAL_SET_MARKER = "dpo_eval_set"
+# The parametrized fixture behind `dpo_checkpoint`: a `(checkpoint id, eval set name)` pair.
+TARGET_FIXTURE = "dpo_target"
+TARGETS = pytest.StashKey[dict[tuple[str, str], tuple[str, str]]]()
 _INI_DEFAULTS = {"paths": [], "linelist": [], "bool": False}
 VALUE_FLAGS = frozenset(spec.flag for spec in ALL_OPTIONS if not spec.is_flag)
 
@@ -59,7 +64,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
             default=None,
             help=f"{spec.help} (ini: {spec.ini})",
         )
-        parser.addini(spec.ini, spec.help, type=spec.ini_type, default=_INI_DEFAULTS.get(spec.ini_type, ""))
+        for key in spec.ini_keys:
+            parser.addini(key, spec.help, type=spec.ini_type, default=_INI_DEFAULTS.get(spec.ini_type, ""))
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -72,6 +78,9 @@ def pytest_load_initial_conftests(early_config: pytest.Config, args: list[str]) 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "dpo_checkpoint(name): set by pytest-dpo on the tests of one checkpoint")
+    config.addinivalue_line(
+        "markers", f"{EVAL_SET_MARKER}(name): dpo_result, dpo_metrics and dpo_eval_set are of the named eval set"
+    )
     _refuse_unknown_options(config.invocation_params.args)
     try:
         run_config = read_run_config(config.getoption, _ini_reader(config), config.inipath.parent if config.inipath else None)
@@ -104,7 +113,7 @@ def _refuse_unknown_options(args: Sequence[str]) -> None:
 
 def _ini_reader(config: pytest.Config) -> Callable[[str], Any]:
     """`config.getini`, with pytest's own parse errors (`invalid truth value 'maybe'`) naming the key and the fix."""
-    types = {spec.ini: spec.ini_type for spec in ALL_OPTIONS}
+    types = {key: spec.ini_type for spec in ALL_OPTIONS for key in spec.ini_keys}
 
     def ini(key: str) -> Any:
         try:
@@ -173,6 +182,11 @@ def session_of(config: pytest.Config) -> DPOSession:
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Run each DPO test once per checkpoint, on the default eval set or the one its `dpo_eval_set` marker names.
+
+    The parameter is a `(checkpoint id, eval set)` pair made once per pair (`_target`), so pytest, which tells
+    session-scoped parameters apart by identity, shares each checkpoint's fixtures across test functions.
+    """
     if not DPO_FIXTURES & set(metafunc.fixturenames):
         return
     dpo_session = metafunc.config.stash[SESSION]
@@ -180,8 +194,35 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         reason = "no DPO checkpoint: pass --dpo-checkpoint=PATH or set dpo_checkpoint in the ini file"
         params = [pytest.param(None, id=_NO_CHECKPOINT, marks=pytest.mark.skip(reason=reason))]
     else:
-        params = [pytest.param(checkpoint_id, id=checkpoint_id) for checkpoint_id in dpo_session.ids]
-    metafunc.parametrize("dpo_checkpoint", params, indirect=True, scope="session")
+        marker = metafunc.definition.get_closest_marker(EVAL_SET_MARKER)
+        name = dpo_session.default_set if marker is None else _marked_eval_set(marker, dpo_session.eval_sets, metafunc.definition.nodeid)
+        suffix = "" if marker is None else f"-{name}"
+        params = [
+            pytest.param(_target(metafunc.config, checkpoint_id, name), id=checkpoint_id + suffix)
+            for checkpoint_id in dpo_session.ids
+        ]
+    metafunc.parametrize(TARGET_FIXTURE, params, indirect=True, scope="session")
+
+
+def _target(config: pytest.Config, checkpoint_id: str, eval_set: str) -> tuple[str, str]:
+    targets = config.stash.setdefault(TARGETS, {})
+    return targets.setdefault((checkpoint_id, eval_set), (checkpoint_id, eval_set))
+
+
+def _marked_eval_set(marker: pytest.Mark, known: Sequence[str], nodeid: str) -> str:
+    """The eval set a `dpo_eval_set` marker names; a missing or unknown name is a collection error naming the test."""
+    name = marker.args[0] if len(marker.args) == 1 and not marker.kwargs else None
+    if not isinstance(name, str) or name not in known:
+        raise pytest.Collector.CollectError(
+            f"{nodeid}: @pytest.mark.{EVAL_SET_MARKER}{_call_text(marker)} must name one of this run's eval sets: "
+            f"{', '.join(known)}. Write e.g. @pytest.mark.{EVAL_SET_MARKER}({next(iter(known))!r})."
+        )
+    return name
+
+
+def _call_text(marker: pytest.Mark) -> str:
+    arguments = [repr(arg) for arg in marker.args] + [f"{key}={value!r}" for key, value in marker.kwargs.items()]
+    return f"({', '.join(arguments)})"
 
 
 def verdicts_of(config: pytest.Config) -> Verdicts:

@@ -19,24 +19,45 @@ if TYPE_CHECKING:
 
 
 @pytest.fixture(scope="session")
-def dpo_checkpoint(request: pytest.FixtureRequest) -> Checkpoint:
-    """The checkpoint this test runs for (name, path, kind, step)."""
-    return session_of(request.config).checkpoint(request.param)
+def dpo_target(request: pytest.FixtureRequest) -> tuple[str, str]:
+    """The checkpoint id and eval set name this test runs for (`plugin.pytest_generate_tests` parametrizes it)."""
+    return request.param
 
 
 @pytest.fixture(scope="session")
-def dpo_result(request: pytest.FixtureRequest, dpo_checkpoint: Checkpoint) -> EvalResult:
-    """The checkpoint's `EvalResult`, computed once and shared by all its tests."""
+def dpo_checkpoint(request: pytest.FixtureRequest, dpo_target: tuple[str, str]) -> Checkpoint:
+    """The checkpoint this test runs for (name, path, kind, step)."""
+    return session_of(request.config).checkpoint(dpo_target[0])
+
+
+@pytest.fixture(scope="session")
+def dpo_eval_set_name(dpo_target: tuple[str, str]) -> str:
+    """The eval set `dpo_result`, `dpo_metrics` and `dpo_eval_set` are of: the default set, or the one a test's
+    `@pytest.mark.dpo_eval_set("safety")` names."""
+    return dpo_target[1]
+
+
+@pytest.fixture(scope="session")
+def dpo_results(request: pytest.FixtureRequest, dpo_checkpoint: Checkpoint) -> dict[str, EvalResult]:
+    """The checkpoint's `EvalResult` on every eval set, by set name (`dpo_results["safety"]`); each model is
+    loaded once for all sets."""
     dpo_session = session_of(request.config)
     return evaluated(dpo_session, dpo_session.id_of(dpo_checkpoint))
 
 
-def evaluated(dpo_session: DPOSession, checkpoint_id: str) -> EvalResult:
-    """The checkpoint's result; an explained failure (bad input) fails the test with its message alone."""
+@pytest.fixture(scope="session")
+def dpo_result(dpo_results: dict[str, EvalResult], dpo_eval_set_name: str) -> EvalResult:
+    """The checkpoint's `EvalResult` on the default eval set (or the marker's), computed once and shared by all
+    its tests."""
+    return dpo_results[dpo_eval_set_name]
+
+
+def evaluated(dpo_session: DPOSession, checkpoint_id: str) -> dict[str, EvalResult]:
+    """The checkpoint's results by eval set; an explained failure (bad input) fails the test with its message alone."""
     from .session import explained_failure
 
     try:
-        return dpo_session.result(checkpoint_id)
+        return dpo_session.results_of(checkpoint_id)
     except Exception as error:
         if not explained_failure(error):
             raise
@@ -60,9 +81,11 @@ def dpo_metrics(dpo_result: EvalResult) -> dict[str, float]:
 
 
 @pytest.fixture(scope="session")
-def dpo_samples(request: pytest.FixtureRequest, dpo_checkpoint: Checkpoint, dpo_result: EvalResult) -> list[Any]:
+def dpo_samples(
+    request: pytest.FixtureRequest, dpo_checkpoint: Checkpoint, dpo_results: dict[str, EvalResult]
+) -> list[Any]:
     """The checkpoint's sample completions (`Sample`: row, prompt, policy, reference) for the first
-    `--dpo-samples` prompts; skips the test when no samples were asked for."""
+    `--dpo-samples` prompts of the default eval set; skips the test when no samples were asked for."""
     dpo_session = session_of(request.config)
     if not dpo_session.config.samples:
         pytest.skip("no samples: pass --dpo-samples N (or set dpo_samples) to generate completions")
@@ -70,9 +93,9 @@ def dpo_samples(request: pytest.FixtureRequest, dpo_checkpoint: Checkpoint, dpo_
 
 
 @pytest.fixture(scope="session")
-def dpo_eval_set(request: pytest.FixtureRequest, dpo_checkpoint: Checkpoint) -> Any:
-    """The validated preference eval set (`EvalSet`)."""
-    return session_of(request.config).eval_set
+def dpo_eval_set(request: pytest.FixtureRequest, dpo_checkpoint: Checkpoint, dpo_eval_set_name: str) -> Any:
+    """The validated preference eval set (`EvalSet`): the default one, or the marker's."""
+    return session_of(request.config).eval_sets[dpo_eval_set_name]
 
 
 @pytest.fixture(scope="session")
@@ -83,7 +106,9 @@ def dpo_tokenizer(request: pytest.FixtureRequest, dpo_checkpoint: Checkpoint) ->
 
 
 @pytest.fixture(scope="session")
-def dpo_model(request: pytest.FixtureRequest, dpo_checkpoint: Checkpoint, dpo_result: EvalResult) -> Iterator[Any]:
+def dpo_model(
+    request: pytest.FixtureRequest, dpo_checkpoint: Checkpoint, dpo_results: dict[str, EvalResult]
+) -> Iterator[Any]:
     """The checkpoint's model on the test device; freed before the next checkpoint's is loaded.
 
     Requesting it also evaluates the checkpoint first, so the model is never
@@ -94,7 +119,7 @@ def dpo_model(request: pytest.FixtureRequest, dpo_checkpoint: Checkpoint, dpo_re
 
 @pytest.fixture(scope="session")
 def dpo_reference_model(
-    request: pytest.FixtureRequest, dpo_checkpoint: Checkpoint, dpo_result: EvalResult
+    request: pytest.FixtureRequest, dpo_checkpoint: Checkpoint, dpo_results: dict[str, EvalResult]
 ) -> Iterator[Any]:
     """The checkpoint's reference model (for a fresh LoRA adapter: its base); freed with the checkpoint."""
     yield from _loaded(request, dpo_checkpoint, "reference")

@@ -12,7 +12,7 @@ import pytest
 
 from .gates import Gate
 from .metric_table import MOE_METRICS
-from .plugin import VERDICTS, session_of
+from .plugin import TARGET_FIXTURE, VERDICTS, session_of
 from .plugin_fixtures import evaluated
 from .verdicts import Verdicts, gate_nodeid
 
@@ -30,7 +30,7 @@ class GateFailed(AssertionError):
 
 
 class GateItem(pytest.Item):
-    """One ini gate for one checkpoint: `dpo-gate[checkpoint-500: rewards/accuracies >= 0.6]`."""
+    """One ini gate for one checkpoint (and eval set, subset): `dpo-gate[checkpoint-500: safety: rewards/accuracies >= 0.9]`."""
 
     def __init__(self, *, checkpoint_id: str, gate: Gate, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -38,7 +38,10 @@ class GateItem(pytest.Item):
         self.gate = gate
 
     def runtest(self) -> None:
-        result = evaluated(session_of(self.config), self.checkpoint_id)
+        dpo_session = session_of(self.config)
+        result = evaluated(dpo_session, self.checkpoint_id)[self.gate.eval_set or dpo_session.default_set]
+        if self.gate.subset is not None:
+            result = result.subset(self.gate.subset)
         if self.gate.metric in MOE_METRICS and self.gate.metric not in result.metrics:
             raise GateFailed(
                 f"{self.checkpoint_id}: has no {self.gate.metric}, which TRL reports only for a mixture-of-experts "
@@ -46,7 +49,7 @@ class GateItem(pytest.Item):
             )
         failure = self.gate.check(result)
         if failure is not None:
-            raise GateFailed(f"{self.checkpoint_id}: gate failed: {failure}")
+            raise GateFailed(f"{self.checkpoint_id}: {self.gate.scope_prefix}gate failed: {failure}")
 
     def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> str:
         if isinstance(excinfo.value, GateFailed):
@@ -61,11 +64,13 @@ def checkpoint_of(item: pytest.Item) -> str | None:
     """The checkpoint a test item is for, or None for a test that is not a DPO test."""
     if isinstance(item, GateItem):
         return item.checkpoint_id
-    callspec = getattr(item, "callspec", None)
-    if callspec is None:
-        return None
-    value = callspec.params.get("dpo_checkpoint")
-    return value if isinstance(value, str) else None
+    target = _target_of(item)
+    return target[0] if target else None
+
+
+def _target_of(item: pytest.Item) -> tuple[str, str] | None:
+    value = getattr(getattr(item, "callspec", None), "params", {}).get(TARGET_FIXTURE)
+    return value if isinstance(value, tuple) else None
 
 
 class ActiveRun:
@@ -75,7 +80,8 @@ class ActiveRun:
         self.config = config
         self.dpo_session = dpo_session
         self.verdicts = config.stash[VERDICTS]
-        self.results: dict[str, EvalResult] = {}
+        # Per checkpoint id, each eval set's result: this process's, and under xdist the workers'.
+        self.results: dict[str, dict[str, EvalResult]] = {}
         self.samples: dict[str, list[dict[str, Any]]] = {}
         self.is_worker = hasattr(config, "workerinput")
         self.is_controller = not self.is_worker and getattr(config.option, "dist", "no") != "no"
@@ -86,14 +92,16 @@ class ActiveRun:
         self.report_lines: list[str] = []
 
     def pytest_report_header(self) -> list[str]:
-        """The eval set, the columns it ignores, each checkpoint's settings with their sources, and warnings."""
+        """The eval sets, the columns they ignore, each checkpoint's settings with their sources, and warnings."""
         from .session import EvaluationFailed
 
-        eval_set = self.dpo_session.eval_set
-        lines = [f"dpo eval set: {eval_set.path} ({len(eval_set)} rows, {eval_set.format}, sha256 {eval_set.sha256[:12]})"]
-        lines += [f"dpo eval set: {note}" for note in eval_set.notes]
-        if eval_set.ignored_columns:
-            lines.append(f"dpo eval set ignored columns: {', '.join(eval_set.ignored_columns)}")
+        lines = []
+        for name, eval_set in self.dpo_session.eval_sets.items():
+            label = "dpo eval set" if len(self.dpo_session.eval_sets) == 1 else f"dpo eval set {name}"
+            lines.append(f"{label}: {eval_set.path} ({_eval_set_facts(eval_set, self.dpo_session.eval_set_specs[name].options)})")
+            lines += [f"{label}: {note}" for note in eval_set.notes]
+            if eval_set.ignored_columns:
+                lines.append(f"{label} ignored columns: {', '.join(eval_set.ignored_columns)}")
         described: dict[str, list[str]] = {}
         warnings: list[str] = []
         for checkpoint_id in self.dpo_session.ids:
@@ -120,13 +128,21 @@ class ActiveRun:
 
     @pytest.hookimpl(specname="pytest_collection_modifyitems", trylast=True)
     def order_by_checkpoint(self, items: list[pytest.Item]) -> None:
-        """Run each checkpoint's tests together, in checkpoint order, after -k/-m deselection.
+        """Run each checkpoint's tests together, in checkpoint order (a `dpo_eval_set` marker's tests grouped by
+        set), after -k/-m deselection.
 
         Sorting here, not later: pytest-xdist workers report their collection
         right after this hook and address tests by position.
         """
         order = {checkpoint_id: index for index, checkpoint_id in enumerate(self.dpo_session.ids)}
-        items.sort(key=lambda item: -1 if checkpoint_of(item) is None else order[checkpoint_of(item)])
+        sets = {name: index for index, name in enumerate(self.dpo_session.eval_sets)}
+
+        def position(item: pytest.Item) -> tuple[int, int]:
+            checkpoint_id = checkpoint_of(item)
+            target = _target_of(item)
+            return (-1 if checkpoint_id is None else order[checkpoint_id], sets[target[1]] if target else -1)
+
+        items.sort(key=position)
 
     @pytest.hookimpl(trylast=True)
     def pytest_collection_finish(self, session: pytest.Session) -> None:
@@ -142,8 +158,9 @@ class ActiveRun:
         """Put the checkpoint's metrics into the test's properties (junit XML shows them)."""
         checkpoint_id = checkpoint_of(item)
         if checkpoint_id in self.dpo_session.results:
-            metrics = self.dpo_session.results[checkpoint_id].metrics
-            item.user_properties.extend((f"dpo/{name}", value) for name, value in metrics.items())
+            for eval_set, result in self.dpo_session.results[checkpoint_id].items():
+                prefix = "dpo/" if eval_set == self.dpo_session.default_set else f"dpo/{eval_set}/"
+                item.user_properties.extend((f"{prefix}{name}", value) for name, value in result.metrics.items())
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         checkpoint_id = dict(report.user_properties).get(CHECKPOINT_PROPERTY)
@@ -171,8 +188,8 @@ class ActiveRun:
         if output.get("dpo_results"):
             from .results import EvalResult
 
-            for checkpoint_id, data in output["dpo_results"].items():
-                self.results[checkpoint_id] = EvalResult.from_dict(data)
+            for checkpoint_id, by_set in output["dpo_results"].items():
+                self.results[checkpoint_id] = {name: EvalResult.from_dict(data) for name, data in by_set.items()}
         self.samples.update(output.get("dpo_samples", {}))
         if error is not None:
             for verdict in self.verdicts:
@@ -193,7 +210,8 @@ class ActiveRun:
         if self.is_worker:
             self.config.workeroutput["dpo_verdicts"] = self.verdicts.to_json()
             self.config.workeroutput["dpo_results"] = {
-                checkpoint_id: result.to_dict() for checkpoint_id, result in self.dpo_session.results.items()
+                checkpoint_id: {name: result.to_dict() for name, result in by_set.items()}
+                for checkpoint_id, by_set in self.dpo_session.results.items()
             }
             self.config.workeroutput["dpo_cache_stats"] = dataclasses.asdict(self.dpo_session.cache.stats)
             self.config.workeroutput["dpo_timings"] = self.dpo_session.timings
@@ -206,11 +224,13 @@ class ActiveRun:
         self.results.update(self.dpo_session.results)
         self.samples.update(self._own_samples())
         for checkpoint_id in self.dpo_session.ids:
+            results = self.results.get(checkpoint_id)
             try:
                 self.config.hook.pytest_dpo_checkpoint_verdict(
                     checkpoint=self.dpo_session.checkpoint(checkpoint_id),
                     verdict=self.verdicts[checkpoint_id],
-                    result=self.results.get(checkpoint_id),
+                    result=results[self.dpo_session.default_set] if results else None,
+                    results=results,
                 )
             except Exception as error:  # a team's hook that breaks holds its checkpoint back; the session goes on
                 problem = f"pytest_dpo_checkpoint_verdict hook raised {type(error).__name__}: {error}"
@@ -245,33 +265,46 @@ class ActiveRun:
 
     def _write_report(self) -> list[str]:
         from .model_card import versions
-        from .report import build_report, eval_set_record, per_example_of, report_entry
+        from .report import (
+            build_report,
+            eval_set_record,
+            named_eval_set_records,
+            per_example_of,
+            report_entry,
+        )
         from .report_files import write_report
 
         session = self.dpo_session
+        defaults = self._default_results()
         entries = [
             report_entry(
                 session.checkpoint(checkpoint_id),
                 self.verdicts[checkpoint_id],
-                self.results.get(checkpoint_id),
+                defaults.get(checkpoint_id),
                 evaluate_seconds=session.timings.get(checkpoint_id),
                 samples=self.samples.get(checkpoint_id, ()),
                 checkpoint_id=checkpoint_id,
                 settings=self._settings_record(checkpoint_id),
+                results=self.results.get(checkpoint_id),
             )
             for checkpoint_id in session.ids
         ]
-        settings = next(iter(self.results.values())).settings if self.results else session.config.settings.to_dict()
+        settings = next(iter(defaults.values())).settings if defaults else session.config.settings.to_dict()
         report = build_report(
             entries,
             eval_set=eval_set_record(session.eval_set),
             gates=[str(gate) for gate in session.config.gates],
             settings=settings,
             versions=versions(),
+            eval_sets=named_eval_set_records(session.eval_sets, session.eval_set_specs),
         )
         lines: list[str] = []
         written = write_report(Path(session.config.report_dir or "."), report, per_example_of(entries), log=lines.append)
         return lines + [f"wrote {path}" for path in written]
+
+    def _default_results(self) -> dict[str, EvalResult]:
+        """Each checkpoint's result on the default eval set: the report's top-level numbers and settings."""
+        return {checkpoint_id: by_set[self.dpo_session.default_set] for checkpoint_id, by_set in self.results.items()}
 
     def _settings_record(self, checkpoint_id: str) -> dict[str, Any] | None:
         from .session import EvaluationFailed
@@ -318,3 +351,12 @@ class ActiveRun:
             for line in self.publication.lines:
                 terminalreporter.line(line, red=line.startswith("error"))
 
+
+
+def _eval_set_facts(eval_set: Any, options: Any) -> str:
+    """`24 rows, standard, sha256 …`, with the Hub revision and the set's own settings where it has them."""
+    facts = [f"{len(eval_set)} rows", eval_set.format, f"sha256 {eval_set.sha256[:12]}"]
+    if eval_set.revision is not None:
+        facts.append(f"revision {eval_set.revision[:12]}")
+    facts += [f"{key}={value}" for key, value in options.items()]
+    return ", ".join(facts)

@@ -9,7 +9,6 @@ atomic and each checkpoint is exactly one commit).
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import shutil
@@ -19,62 +18,15 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from .checkpoints import (
-    ADAPTER_CONFIG,
-    TOKENIZER_FILES,
-    Checkpoint,
-    has_tokenizer,
-    weight_files,
-)
 from .config import PublishConfig
-from .model_card import eval_results_yaml, model_card_text, versions
+from .release import Release, release_files
 from .spelling import option
-
-if TYPE_CHECKING:
-    from .results import EvalResult
-
-MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors.index.json")
-EVAL_FILE = "dpo_eval.json"
-EVAL_RESULTS_FILE = ".eval_results/dpo.yaml"
-EVAL_SCHEMA = 1
 
 
 class PublishError(RuntimeError):
     """Saving or pushing failed; the message says what is where now and what to do."""
-
-
-@dataclass(frozen=True)
-class Release:
-    """A checkpoint that passed all its DPO tests, with everything needed to publish it."""
-
-    checkpoint_id: str
-    checkpoint: Checkpoint
-    result: EvalResult
-    passed_tests: list[str]
-    eval_set_name: str
-    tokenizer_dir: Path | None
-    base_model: str | None = None
-
-    @property
-    def folder_name(self) -> str:
-        return self.checkpoint_id.replace("/", "--")
-
-    @property
-    def tag(self) -> str:
-        return self.folder_name
-
-    @property
-    def commit_message(self) -> str:
-        metrics = self.result.metrics
-        shown = ", ".join(f"{name}={metrics[name]:.4g}" for name in ("rewards/accuracies", "rewards/margins", "loss"))
-        return f"Release {self.checkpoint_id} ({shown})"
-
-    @property
-    def commit_description(self) -> str:
-        tests = "\n".join(f"- {nodeid}" for nodeid in self.passed_tests)
-        return f"All DPO tests passed (pytest-dpo), eval set sha256 {self.result.eval_set_sha256}:\n{tests}"
 
 
 @dataclass
@@ -83,65 +35,6 @@ class PublicationReport:
 
     lines: list[str] = field(default_factory=list)
     error: str | None = None
-
-
-def release_files(release: Release) -> dict[str, Path | bytes]:
-    """Every file of the release by its path in the published folder: copied weights and tokenizer, generated card and report."""
-    source = release.checkpoint.path
-    files: dict[str, Path | bytes] = {}
-    if release.checkpoint.is_adapter:
-        names = [*weight_files(source), ADAPTER_CONFIG]
-    else:
-        names = weight_files(source) + list(MODEL_FILES)
-    for name in names:
-        if (source / name).exists():
-            files[name] = source / name
-    tokenizer_source = source if has_tokenizer(source) else release.tokenizer_dir
-    for name in TOKENIZER_FILES:
-        if tokenizer_source is not None and (tokenizer_source / name).exists():
-            files[name] = tokenizer_source / name
-    settings = release.result.settings
-    files["README.md"] = model_card_text(
-        model_name=release.checkpoint_id,
-        base_model=release.base_model,
-        library_name="peft" if release.checkpoint.is_adapter else "transformers",
-        metrics=release.result.metrics,
-        eval_set_name=release.eval_set_name,
-        eval_set_sha256=release.result.eval_set_sha256,
-        eval_set_rows=release.result.num_examples + len(release.result.dropped_rows),
-        settings=settings,
-        passed_tests=release.passed_tests,
-    ).encode()
-    files[EVAL_RESULTS_FILE] = eval_results_yaml(
-        metrics=release.result.metrics,
-        eval_set_name=release.eval_set_name,
-        eval_set_sha256=release.result.eval_set_sha256,
-        settings=settings,
-    ).encode()
-    files[EVAL_FILE] = (json.dumps(release_report(release), indent=2) + "\n").encode()
-    return files
-
-
-def release_report(release: Release) -> dict[str, Any]:
-    """The machine-readable report of one released checkpoint (`dpo_eval.json`)."""
-    result = release.result
-    return {
-        "schema": EVAL_SCHEMA,
-        "checkpoint": release.checkpoint_id,
-        "checkpoint_path": str(release.checkpoint.path),
-        "step": release.checkpoint.step,
-        "reference": result.reference,
-        "metrics": result.metrics,
-        "settings": result.settings,
-        "eval_set": {
-            "name": release.eval_set_name,
-            "sha256": result.eval_set_sha256,
-            "scored_rows": result.num_examples,
-            "dropped_rows": result.dropped_rows,
-        },
-        "verdict": {"passed": True, "tests": release.passed_tests},
-        "versions": versions(),
-    }
 
 
 def save_release(release: Release, save_dir: Path) -> Path:

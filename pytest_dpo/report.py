@@ -1,5 +1,7 @@
 """The JSON report of a session, as a plain dict: one entry per checkpoint, built from what the session holds.
 
+A checkpoint's own numbers are the default eval set's; with several eval sets (or a subset column) each
+set's and subset's are under its `eval_sets` (recorded by `report_scopes`), and the report lists the sets.
 No models, no evaluation, no files: `report_files` writes and reads the report,
 `report_markdown` and `report_plot` render it, `report_terminal` prints the tables.
 The schema is `schemas/dpo_report.schema.json`.
@@ -14,23 +16,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .metric_table import (
-    BY_NAME,
-    DEFAULT_CONFIDENCE,
-    DEFAULT_INTERVAL_METHOD,
-    DIAGNOSTIC_NAMES,
-    INTERVAL_DIAGNOSTICS,
-    METRIC_NAMES,
-    PER_EXAMPLE_METRICS,
-    SUMMARY_METRICS,
-    Metric,
-)
+from .metric_table import DIAGNOSTIC_NAMES, METRIC_NAMES, SUMMARY_METRICS, Metric
+from .report_scopes import diagnostic_intervals, metric_intervals, scope_record
 
 if TYPE_CHECKING:
     from .checkpoints import Checkpoint
+    from .eval_sets import EvalSetSpec
     from .evalset import EvalSet
     from .results import EvalResult
-    from .stats import Interval
     from .verdicts import CheckpointVerdict
 
 # Raised only when readers must refuse older reports; optional additions (the verdict's `gates`) keep it.
@@ -38,6 +31,8 @@ REPORT_SCHEMA_VERSION = 1
 KINDS = ("model", "adapter")
 TEST_OUTCOMES = ("passed", "failed", "error", "skipped", "not_run")
 EVAL_SET_KEYS = ("path", "name", "sha256", "rows", "format")
+# A named eval set of the run (`eval_sets`): `name` is the set's name there, `file` what `name` is in `EVAL_SET_KEYS`.
+NAMED_EVAL_SET_KEYS = ("name", "path", "file", "sha256", "rows", "format", "revision", "options")
 # Tables lead with the loss and what gates usually check; the other summary metrics follow in the table's order.
 _LEADING_COLUMNS = ("loss", "rewards/margins", "rewards/accuracies")
 
@@ -80,6 +75,10 @@ class ReportEntry:
             (`EvalResult.diagnostics`); empty when the evaluation failed.
         diagnostic_intervals (`Mapping`, *optional*): confidence intervals of the diagnostics that have one,
             shaped as `intervals` (see `diagnostic_intervals`).
+        eval_sets (`Mapping[str, Mapping]`, *optional*): every eval set's record by set name, in run order,
+            the default set's among them (see `scope_record`); empty when the evaluation failed.
+        set_per_example (`Mapping[str, Mapping[str, list]]`, *optional*): the per-example arrays of every
+            eval set but the default one (whose arrays are `per_example`), by set name.
     """
 
     id: str
@@ -98,6 +97,8 @@ class ReportEntry:
     non_finite_rows: int = 0
     diagnostics: Mapping[str, float | None] = field(default_factory=dict)
     diagnostic_intervals: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    eval_sets: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    set_per_example: Mapping[str, Mapping[str, list]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -126,13 +127,16 @@ def report_entry(
     samples: Sequence[Mapping[str, Any]] = (),
     checkpoint_id: str | None = None,
     settings: Mapping[str, Any] | None = None,
+    results: Mapping[str, EvalResult] | None = None,
 ) -> ReportEntry:
     """The report entry of a checkpoint from what a session holds; `result` is None when its evaluation failed.
 
-    `checkpoint_id` is the checkpoint's unique id in the session (default: its folder name).
-    The entry's intervals are `metric_intervals(result)`: 95%, t (Wilson for the accuracy); its
-    diagnostics' are `diagnostic_intervals(result)`.
+    `result` is the default eval set's; `results` every set's by name (the default's among them), in run
+    order, each recorded with its subsets (`scope_record`). `checkpoint_id` is the checkpoint's unique id in
+    the session (default: its folder name). The entry's intervals are `metric_intervals(result)`: 95%, t
+    (Wilson for the accuracy); its diagnostics' are `diagnostic_intervals(result)`.
     """
+    by_set = dict(results or {}) if result else {}
     return ReportEntry(
         id=checkpoint_id or checkpoint.name,
         path=str(checkpoint.path),
@@ -150,53 +154,11 @@ def report_entry(
         non_finite_rows=int((~result.per_example.losses.isfinite()).sum()) if result else 0,
         diagnostics=dict(result.diagnostics) if result else {},
         diagnostic_intervals=diagnostic_intervals(result) if result else {},
+        eval_sets={name: scope_record(one) for name, one in by_set.items()},
+        set_per_example={
+            name: one.per_example.to_dict() for name, one in by_set.items() if name != result.eval_set_name
+        },
     )
-
-
-def metric_intervals(
-    result: EvalResult, confidence: float = DEFAULT_CONFIDENCE, method: str = DEFAULT_INTERVAL_METHOD
-) -> dict[str, dict[str, Any]]:
-    """The confidence interval of each per-example metric of a result, as `ReportEntry.intervals` holds them.
-
-    A metric with a NaN or infinite per-example value has no interval (its value is NaN or infinite
-    too). With fewer than two rows a mean's bounds are infinite, which the JSON report writes as null.
-
-    Args:
-        result (`EvalResult`): the evaluation.
-        confidence (`float`, *optional*, defaults to `0.95`): the nominal coverage.
-        method (`str`, *optional*, defaults to `"t"`): `"t"` or `"bootstrap"` for the means;
-            `rewards/accuracies` always gets Wilson's interval.
-    """
-    from .stats import metric_interval
-
-    intervals = {}
-    for name in (name for name in PER_EXAMPLE_METRICS if name in result.metrics):
-        values_field = BY_NAME[name].field
-        if values_field is not None and not bool(getattr(result.per_example, values_field).isfinite().all()):
-            continue
-        intervals[name] = _interval_record(metric_interval(result, name, confidence, method))
-    return intervals
-
-
-def diagnostic_intervals(
-    result: EvalResult, confidence: float = DEFAULT_CONFIDENCE, method: str = DEFAULT_INTERVAL_METHOD
-) -> dict[str, dict[str, Any]]:
-    """The confidence interval of each diagnostic that has one (`metric_table.INTERVAL_DIAGNOSTICS`), as
-    `ReportEntry.diagnostic_intervals` holds them: Wilson for the shares, `method` for the mean changes.
-
-    A NaN or infinite diagnostic has no interval; with fewer than two rows a mean's bounds are infinite.
-    """
-    from .stats import metric_interval
-
-    return {
-        name: _interval_record(metric_interval(result, name, confidence, method))
-        for name in INTERVAL_DIAGNOSTICS
-        if math.isfinite(result.diagnostics[name])
-    }
-
-
-def _interval_record(interval: Interval) -> dict[str, Any]:
-    return {"low": interval.low, "high": interval.high, "confidence": interval.confidence, "method": interval.method}
 
 
 def verdict_record(verdict: CheckpointVerdict) -> dict[str, Any]:
@@ -221,6 +183,24 @@ def eval_set_record(eval_set: EvalSet) -> dict[str, Any]:
     }
 
 
+def named_eval_set_records(eval_sets: Mapping[str, EvalSet], specs: Mapping[str, EvalSetSpec]) -> list[dict[str, Any]]:
+    """A run's eval sets in run order as the report lists them (`build_report(eval_sets=...)`): each with the
+    keys `NAMED_EVAL_SET_KEYS`; `revision` is the Hub commit (None for files), `options` the set's own settings."""
+    return [
+        {
+            "name": name,
+            "path": eval_set.path,
+            "file": Path(eval_set.path).name,
+            "sha256": eval_set.sha256,
+            "rows": len(eval_set),
+            "format": eval_set.format,
+            "revision": eval_set.revision,
+            "options": dict(specs[name].options),
+        }
+        for name, eval_set in eval_sets.items()
+    ]
+
+
 def build_report(
     entries: Sequence[ReportEntry],
     *,
@@ -229,16 +209,20 @@ def build_report(
     settings: Mapping[str, Any],
     versions: Mapping[str, str],
     created: datetime | None = None,
+    eval_sets: Sequence[Mapping[str, Any]] = (),
 ) -> dict[str, Any]:
     """The JSON report (schema `REPORT_SCHEMA_VERSION`, see `report_files.REPORT_SCHEMA_PATH`) of one session.
 
     Args:
         entries (`Sequence[ReportEntry]`): one per checkpoint, in checkpoint order.
-        eval_set (`Mapping`): `path`, `name`, `sha256`, `rows`, `format` (see `eval_set_record`).
+        eval_set (`Mapping`): the default eval set: `path`, `name`, `sha256`, `rows`, `format`
+            (see `eval_set_record`).
         gates (`Sequence[str]`): the gates, e.g. `["rewards/accuracies >= 0.6"]` (`Gate` objects are accepted).
         settings (`Mapping`): the `DPOSettings` used, as plain values.
         versions (`Mapping[str, str]`): installed package versions (e.g. `model_card.versions()`).
         created (`datetime`, *optional*): when the report was made; now by default.
+        eval_sets (`Sequence[Mapping]`, *optional*): every eval set of the run, in run order
+            (see `named_eval_set_records`); left out of the report when empty.
 
     NaN and infinite numbers become `null`, so the result dumps as strict JSON.
 
@@ -253,11 +237,17 @@ def build_report(
     missing = [key for key in EVAL_SET_KEYS if key not in eval_set]
     if missing:
         raise ValueError(f"eval_set lacks {', '.join(missing)}; build it with `eval_set_record(eval_set)`.")
+    for record in eval_sets:
+        missing = [key for key in NAMED_EVAL_SET_KEYS if key not in record]
+        if missing:
+            raise ValueError(f"an eval_sets record lacks {', '.join(missing)}; build them with `named_eval_set_records`.")
     moment = (created or datetime.now(timezone.utc)).astimezone(timezone.utc)
+    named = [{key: record[key] for key in NAMED_EVAL_SET_KEYS} for record in eval_sets]
     return {
         "schema": REPORT_SCHEMA_VERSION,
         "created": moment.strftime("%Y-%m-%dT%H:%M:%SZ"),
         "eval_set": strict_json_values({key: eval_set[key] for key in EVAL_SET_KEYS}),
+        **({"eval_sets": strict_json_values(named)} if named else {}),
         "settings": strict_json_values(dict(settings)),
         "gates": [str(gate) for gate in gates],
         "versions": {str(name): str(number) for name, number in versions.items()},
@@ -266,8 +256,6 @@ def build_report(
 
 
 def _checkpoint_record(entry: ReportEntry) -> dict[str, Any]:
-    known = [name for name in METRIC_NAMES if name in entry.metrics]
-    others = sorted(name for name in entry.metrics if name not in METRIC_NAMES)
     tests = entry.verdict["tests"]
     return strict_json_values(
         {
@@ -281,15 +269,13 @@ def _checkpoint_record(entry: ReportEntry) -> dict[str, Any]:
                 "tests": {outcome: [str(nodeid) for nodeid in tests.get(outcome, ())] for outcome in TEST_OUTCOMES},
                 "gates": {str(nodeid): str(gate) for nodeid, gate in entry.verdict.get("gates", {}).items()},
             },
-            "metrics": {name: _float(entry.metrics[name]) for name in known + others},
+            "metrics": _metrics(entry.metrics),
             "scored_rows": entry.scored_rows,
             "dropped_rows": [int(row) for row in entry.dropped_rows],
             "non_finite_rows": entry.non_finite_rows,
             "timings": {"evaluate_seconds": entry.evaluate_seconds},
             "intervals": {metric: dict(interval) for metric, interval in entry.intervals.items()},
-            "diagnostics": {
-                name: _float(entry.diagnostics[name]) for name in DIAGNOSTIC_NAMES if name in entry.diagnostics
-            },
+            "diagnostics": _diagnostics(entry.diagnostics),
             "diagnostic_intervals": {name: dict(interval) for name, interval in entry.diagnostic_intervals.items()},
             "samples": [
                 {"row": int(s["row"]), "prompt": str(s["prompt"]), "policy": str(s["policy"]),
@@ -298,7 +284,35 @@ def _checkpoint_record(entry: ReportEntry) -> dict[str, Any]:
             ],
         }
         | ({"settings": dict(entry.settings)} if entry.settings else {})
+        | ({"eval_sets": {name: _scope(record) for name, record in entry.eval_sets.items()}} if entry.eval_sets else {})
     )
+
+
+def _scope(record: Mapping[str, Any]) -> dict[str, Any]:
+    """A `scope_record` with its metrics and diagnostics in the report's order."""
+    subsets = record.get("subsets")
+    return strict_json_values(
+        {
+            "metrics": _metrics(record["metrics"]),
+            "diagnostics": _diagnostics(record["diagnostics"]),
+            "intervals": {name: dict(interval) for name, interval in record["intervals"].items()},
+            "diagnostic_intervals": {name: dict(interval) for name, interval in record["diagnostic_intervals"].items()},
+            "num_examples": int(record["num_examples"]),
+            "dropped_rows": [int(row) for row in record["dropped_rows"]],
+        }
+        | ({"subsets": {name: _scope(subset) for name, subset in subsets.items()}} if subsets is not None else {})
+    )
+
+
+def _metrics(metrics: Mapping[str, float | None]) -> dict[str, float | None]:
+    """TRL's metrics in `METRIC_NAMES` order, any others after them by name."""
+    known = [name for name in METRIC_NAMES if name in metrics]
+    others = sorted(name for name in metrics if name not in METRIC_NAMES)
+    return {name: _float(metrics[name]) for name in known + others}
+
+
+def _diagnostics(diagnostics: Mapping[str, float | None]) -> dict[str, float | None]:
+    return {name: _float(diagnostics[name]) for name in DIAGNOSTIC_NAMES if name in diagnostics}
 
 
 def _float(value: Any) -> float | None:
@@ -316,6 +330,15 @@ def strict_json_values(value: Any) -> Any:
     return value
 
 
-def per_example_of(entries: Sequence[ReportEntry]) -> dict[str, dict[str, list]]:
-    """The per-example arrays of the entries that have them, by checkpoint id (what `write_report` expects)."""
-    return {entry.id: dict(entry.per_example) for entry in entries if entry.per_example}
+def per_example_of(entries: Sequence[ReportEntry]) -> dict[str, dict[str, Any]]:
+    """The per-example arrays of the entries that have them, by checkpoint id (what `write_report` expects).
+
+    The default eval set's arrays are the checkpoint's; the other sets' are under its `eval_sets` key, by set
+    name (no `PerExample` field is called that).
+    """
+    return {
+        entry.id: dict(entry.per_example)
+        | ({"eval_sets": {name: dict(arrays) for name, arrays in entry.set_per_example.items()}} if entry.set_per_example else {})
+        for entry in entries
+        if entry.per_example
+    }

@@ -36,13 +36,14 @@ class ReportError(ValueError):
 def write_report(
     directory: Path,
     report: Mapping[str, Any],
-    per_example: Mapping[str, Mapping[str, list]],
+    per_example: Mapping[str, Mapping[str, Any]],
     *,
     log: Callable[[str], None] = print,
 ) -> list[Path]:
     """Write the report files into `directory` (created if needed), each atomically.
 
-    `dpo_report.json`, `dpo_per_example.json` (checkpoint id → per-example arrays),
+    `dpo_report.json`, `dpo_per_example.json` (checkpoint id → the default eval set's per-example
+    arrays, the other sets' under `eval_sets` by set name; see `report.per_example_of`),
     `dpo_summary.md` and, when matplotlib is installed, `dpo_metrics.png`; without
     matplotlib `log` gets one line saying so (`PLOT_SKIPPED`). When
     `$GITHUB_STEP_SUMMARY` names a file, the Markdown summary is appended to it too.

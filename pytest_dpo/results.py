@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from functools import cached_property
 from typing import Any
 
 import torch
 
 from .diagnostics import diagnose
+from .eval_sets import DEFAULT_EVAL_SET
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -106,6 +107,10 @@ class PerExample(TokenStatistics):
     def __len__(self) -> int:
         return len(self.rows)
 
+    def select(self, positions: torch.Tensor) -> PerExample:
+        """The entries at `positions` (indices into these arrays), in that order."""
+        return type(self)(**{f.name: getattr(self, f.name)[positions] for f in fields(self)})
+
     def to_dict(self) -> dict[str, list]:
         """Every array as a plain list, keyed by field name."""
         return {f.name: getattr(self, f.name).tolist() for f in fields(self)}
@@ -151,6 +156,10 @@ class EvalResult:
         eval_set_sha256 (`str`): canonical content hash of the eval set.
         settings (`dict`): the `DPOSettings` used, as plain values.
         prompts (`list[str]`): a short text of each eval-set row's prompt, for messages.
+        eval_set_name (`str`): the eval set's name in the run (`default` for a set given as a bare path).
+        subset_labels (`list[str]`, *optional*): each eval-set row's subset (the `--dpo-subset-column`
+            value), None without a subset column; see `subset()`.
+        subset_name (`str`, *optional*): for a result made by `subset()`, the subset it holds.
 
     pytest-dpo's own failure-mode diagnostics are apart from TRL's metrics, in `diagnostics`.
     """
@@ -164,6 +173,61 @@ class EvalResult:
     eval_set_sha256: str
     settings: dict[str, Any]
     prompts: list[str] = field(default_factory=list, repr=False)
+    eval_set_name: str = DEFAULT_EVAL_SET
+    subset_labels: list[str] | None = field(default=None, repr=False)
+    subset_name: str | None = None
+
+    @property
+    def scope(self) -> str:
+        """The checkpoint with the eval set and subset, as messages name them: `checkpoint-4 (helpful/math)`."""
+        if self.subset_name is not None:
+            return f"{self.checkpoint} ({self.eval_set_name}/{self.subset_name})"
+        return self.checkpoint if self.eval_set_name == DEFAULT_EVAL_SET else f"{self.checkpoint} ({self.eval_set_name})"
+
+    @property
+    def subsets(self) -> list[str]:
+        """The subset names of the eval set, in order of first appearance; empty without a subset column."""
+        return list(dict.fromkeys(self.subset_labels or ()))
+
+    def subset(self, name: str) -> EvalResult:
+        """The result on the rows of one subset: its own metrics, per-example arrays and intervals, so every
+        assertion helper and gate works on it.
+
+        A mixture-of-experts policy's `aux_loss` is a whole-eval-set statistic and stays the set's.
+
+        Raises:
+            ValueError: no subset column was given, the subset does not exist, or TRL drops all its rows.
+
+        Example:
+            >>> dpo_result.subset("math").metrics["rewards/accuracies"]
+            0.75
+        """
+        from .metrics import aggregate
+
+        if self.subset_labels is None:
+            raise ValueError(
+                f"{self.scope}: the eval set has no subsets. Name the column that splits it with "
+                "--dpo-subset-column (ini dpo_subset_column), e.g. --dpo-subset-column=subset."
+            )
+        if name not in self.subsets:
+            raise ValueError(f"{self.scope}: no subset {name!r}. Its subsets: {', '.join(self.subsets)}.")
+        positions = torch.tensor(
+            [index for index, row in enumerate(self.per_example.rows.tolist()) if self.subset_labels[row] == name],
+            dtype=torch.int64,
+        )
+        if len(positions) == 0:
+            raise ValueError(
+                f"{self.scope}: every row of subset {name!r} is dropped (its prompts alone fill max_length), so "
+                "nothing of it was scored. Raise max_length for this eval set."
+            )
+        per_example = self.per_example.select(positions)
+        return replace(
+            self,
+            metrics=aggregate(per_example, self.metrics.get("aux_loss")),
+            per_example=per_example,
+            dropped_rows=[row for row in self.dropped_rows if self.subset_labels[row] == name],
+            subset_name=name,
+        )
 
     @property
     def num_examples(self) -> int:
@@ -180,7 +244,7 @@ class EvalResult:
         shown = ", ".join(
             f"{name}={self.metrics[name]:.4g}" for name in ("rewards/accuracies", "rewards/margins", "loss") if name in self.metrics
         )
-        return f"EvalResult({self.checkpoint}: {shown}, N={self.num_examples})"
+        return f"EvalResult({self.scope}: {shown}, N={self.num_examples})"
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-serialisable values (how results travel from pytest-xdist workers)."""

@@ -26,7 +26,8 @@ from .checkpoints import (
     discover_checkpoints,
 )
 from .config import RunConfig
-from .evalset import EvalSet, EvalSetError, load_eval_set
+from .eval_sets import DEFAULT_EVAL_SET, EvalSetSpec
+from .evalset import HUB_PREFIX, EvalSet, EvalSetError, load_eval_set
 from .options import ConfigError, option_spec, setting_error
 from .settings import SettingsError
 
@@ -79,12 +80,14 @@ class DPOSession:
         self.checkpoints = _discover(config.checkpoints, config.settings.allow_pickle)
         self.ids = checkpoint_ids(self.checkpoints)
         self._checkpoints = dict(zip(self.ids, self.checkpoints))
-        try:
-            self.eval_set: EvalSet = load_eval_set(config.eval_set or "")
-        except EvalSetError as error:
-            raise ConfigError(f"{option_spec('eval_set').both}: {error}") from None
-        self.results: dict[str, EvalResult] = {}
-        self._evaluations: dict[str, CheckpointEvaluation] = {}
+        self.eval_set_specs = {spec.name: spec for spec in config.eval_sets}
+        self.eval_sets: dict[str, EvalSet] = {spec.name: _load(spec, config.subset_column) for spec in config.eval_sets}
+        # `dpo_result`, `--dpo-baseline` and the samples use this set: `default`, else the first one given.
+        self.default_set = DEFAULT_EVAL_SET if DEFAULT_EVAL_SET in self.eval_sets else config.eval_sets[0].name
+        _check_subsets(config, self.eval_sets)
+        # Per checkpoint id, each eval set's result (in the run's set order).
+        self.results: dict[str, dict[str, EvalResult]] = {}
+        self._evaluations: dict[tuple[str, str], CheckpointEvaluation] = {}
         self._settings: dict[str, CheckpointSettings] = {}
         self.timings: dict[str, float] = {}
         self._failures: dict[str, str] = {}
@@ -97,7 +100,7 @@ class DPOSession:
         cache_dir = (config.cache_dir or default_cache_dir) if config.use_cache else None
         self.cache = ScoreCache(cache_dir if world is None or world.is_main else None)
         if world is not None:
-            world.check_same("checkpoints or eval set", (self.ids, self.eval_set.sha256))
+            world.check_same("checkpoints or eval sets", (self.ids, [data.sha256 for data in self.eval_sets.values()]))
         if config.settings.device is not None:
             from .loading import check_device
 
@@ -126,7 +129,7 @@ class DPOSession:
         return self._check_lock(root)
 
     def _check_lock(self, root: Path) -> str:
-        from .lock import LockError, build_lock, check_lock
+        from .lock import LockError, build_lock, check_locks
         from .references import tokenizer_folder
 
         path = root / (self.config.lock or "")
@@ -142,9 +145,11 @@ class DPOSession:
             reference = None  # reported when the checkpoint is evaluated; the tokenizer may still be its own
         tokenizer_dir = tokenizer_folder(self.checkpoint(first), reference)
         try:
-            current = build_lock(self.eval_set, tokenizer_dir)
-            current = dataclasses.replace(current, eval_set_path=_relative(Path(self.eval_set.path), root))
-            return check_lock(path, current, update=self.config.update_lock)
+            current = {
+                name: dataclasses.replace(build_lock(data, tokenizer_dir), eval_set_path=_relative(data.path, root))
+                for name, data in self.eval_sets.items()
+            }
+            return check_locks(path, current, update=self.config.update_lock)
         except LockError as error:
             raise ConfigError(str(error)) from None
 
@@ -185,43 +190,64 @@ class DPOSession:
         except SettingsError as error:
             raise EvaluationFailed(str(error)) from None
 
-    def evaluation(self, checkpoint_id: str) -> CheckpointEvaluation:
-        """The checkpoint's `CheckpointEvaluation` (reference, tokenizer, tokenized rows), made once.
+    @property
+    def eval_set(self) -> EvalSet:
+        """The default eval set (see `default_set`)."""
+        return self.eval_sets[self.default_set]
+
+    def evaluation(self, checkpoint_id: str, eval_set: str | None = None) -> CheckpointEvaluation:
+        """The checkpoint's `CheckpointEvaluation` on one eval set (default: the default set), made once.
 
         Raises:
-            EvaluationFailed: the run's saved settings cannot be combined with the explicit ones.
+            EvaluationFailed: the run's saved settings cannot be combined with the explicit ones, or with the
+                eval set's own.
             CheckpointError: the reference cannot be resolved.
         """
-        if checkpoint_id not in self._evaluations:
+        key = (checkpoint_id, eval_set or self.default_set)
+        if key not in self._evaluations:
             settings = self.checkpoint_settings(checkpoint_id).settings
-            self._evaluations[checkpoint_id] = self._evaluation_of(self.checkpoint(checkpoint_id), settings, self.world)
-        return self._evaluations[checkpoint_id]
+            self._evaluations[key] = self._evaluation_of(self.checkpoint(checkpoint_id), settings, self.world, key[1])
+        return self._evaluations[key]
 
-    def _evaluation_of(self, checkpoint: Checkpoint, settings: Any, world: World | None) -> CheckpointEvaluation:
+    def _evaluation_of(
+        self, checkpoint: Checkpoint, settings: Any, world: World | None, eval_set: str
+    ) -> CheckpointEvaluation:
+        from .eval_sets import parsed_options
         from .evaluation import CheckpointEvaluation
 
-        settings = dataclasses.replace(settings, device=self.device)
-        return CheckpointEvaluation(checkpoint, self.eval_set, self.config.reference, settings, self.cache, world)
+        try:
+            settings = dataclasses.replace(settings, device=self.device, **parsed_options(self.eval_set_specs[eval_set]))
+        except SettingsError as error:
+            raise EvaluationFailed(f"eval set {eval_set!r}: {error}") from None
+        data = self.eval_sets[eval_set]
+        return CheckpointEvaluation(checkpoint, data, self.config.reference, settings, self.cache, world, eval_set)
 
-    def result(self, checkpoint_id: str) -> EvalResult:
-        """The checkpoint's `EvalResult`, computed on first use; a failure is remembered and raised again."""
+    def result(self, checkpoint_id: str, eval_set: str | None = None) -> EvalResult:
+        """The checkpoint's `EvalResult` on one eval set (default: the default set); see `results_of`."""
+        return self.results_of(checkpoint_id)[eval_set or self.default_set]
+
+    def results_of(self, checkpoint_id: str) -> dict[str, EvalResult]:
+        """The checkpoint's result on every eval set, computed on first use with each model loaded once for all
+        sets; a failure is remembered and raised again."""
         if checkpoint_id in self.results:
             return self.results[checkpoint_id]
         if checkpoint_id in self._failures:
             raise EvaluationFailed(self._failures[checkpoint_id])
+        from .evaluation import score_together
+
         started = time.perf_counter()
         try:
-            evaluation = self.evaluation(checkpoint_id)
+            evaluations = [self.evaluation(checkpoint_id, name) for name in self.eval_sets]
             with self.progress() if self.progress else contextlib.nullcontext():
-                result = evaluation.score(progress=self.progress is not None)
+                scored = score_together(evaluations, progress=self.progress is not None)
         except Exception as error:
             self._failures[checkpoint_id] = f"{checkpoint_id}: evaluation failed: {type(error).__name__}: {error}"
             raise
-        self.results[checkpoint_id] = result
+        self.results[checkpoint_id] = dict(zip(self.eval_sets, scored, strict=True))
         self.timings[checkpoint_id] = time.perf_counter() - started
         if self.config.samples and (self.world is None or self.world.is_main):
             self.generate_samples(checkpoint_id)
-        return result
+        return self.results[checkpoint_id]
 
     def generate_samples(self, checkpoint_id: str) -> list[Sample]:
         """Completions of the policy and the reference for the first `--dpo-samples` prompts (memoized).
@@ -275,14 +301,15 @@ class DPOSession:
             settings = self._resolve_settings(checkpoint).settings
             # Unsharded on every rank: ranks may first need the baseline at different tests, and a
             # collective needs all ranks at the same call.
-            self._baseline = self._evaluation_of(checkpoint, settings, world=None).score()
+            self._baseline = self._evaluation_of(checkpoint, settings, None, self.default_set).score()
         return self._baseline
 
-    def release(self, checkpoint_id: str, result: EvalResult, verdict: CheckpointVerdict) -> Release:
-        """What publishing needs to know about a checkpoint that passed."""
+    def release(self, checkpoint_id: str, results: dict[str, EvalResult], verdict: CheckpointVerdict) -> Release:
+        """What publishing needs to know about a checkpoint that passed: every eval set's result and record."""
         from .checkpoints import locate
         from .publish import Release
         from .references import tokenizer_folder
+        from .report import named_eval_set_records
 
         checkpoint = self.checkpoint(checkpoint_id)
         base = checkpoint.base_model
@@ -290,17 +317,60 @@ class DPOSession:
         return Release(
             checkpoint_id=checkpoint_id,
             checkpoint=checkpoint,
-            result=result,
+            result=results[self.default_set],
             passed_tests=verdict.tests("passed"),
             eval_set_name=Path(self.eval_set.path).name,
             tokenizer_dir=tokenizer_folder(checkpoint, self.evaluation(checkpoint_id).reference),
             base_model=hub_base,
+            results=results,
+            eval_sets=named_eval_set_records(self.eval_sets, self.eval_set_specs),
         )
 
 
-def _relative(path: Path, root: Path) -> str:
-    """`path` relative to `root`, so a committed lock file holds no machine-specific path."""
-    return Path(os.path.relpath(path.resolve(), root.resolve())).as_posix()
+def _relative(source: str, root: Path) -> str:
+    """A local eval set's path relative to `root`, so a committed lock file holds no machine-specific path."""
+    if source.startswith(HUB_PREFIX):
+        return source
+    return Path(os.path.relpath(Path(source).resolve(), root.resolve())).as_posix()
+
+
+def _load(spec: EvalSetSpec, subset_column: str | None) -> EvalSet:
+    try:
+        return load_eval_set(spec.source, subset_column)
+    except EvalSetError as error:
+        named = "" if spec.name == DEFAULT_EVAL_SET else f"eval set {spec.name!r}: "
+        raise ConfigError(f"{option_spec('eval_set').both}: {named}{error}") from None
+
+
+def _check_subsets(config: RunConfig, eval_sets: dict[str, EvalSet]) -> None:
+    """The subset column is in some eval set, and every subset gate names a subset its set has."""
+    column = config.subset_column
+    if column is not None and all(data.subsets is None for data in eval_sets.values()):
+        columns = sorted({str(key) for data in eval_sets.values() for key in data.ignored_columns})
+        raise ConfigError(
+            f"{option_spec('subset_column').both}: no eval set has a column {column!r}. Their other columns: "
+            f"{', '.join(columns) or 'none'}. Name one of them, or add the column to the sets it splits."
+        )
+    for gate in config.gates:
+        if gate.subset is None or gate.eval_set is None:
+            continue
+        subsets = eval_sets[gate.eval_set].subsets
+        if column is None:
+            raise ConfigError(
+                f"{gate.where}: gate {str(gate)!r} is on subset {gate.subset!r}, but no column splits the eval sets "
+                f"into subsets. Name it with {option_spec('subset_column').both}, e.g. --dpo-subset-column=subset."
+            )
+        if subsets is None:
+            raise ConfigError(
+                f"{gate.where}: gate {str(gate)!r} is on subset {gate.subset!r}, but eval set {gate.eval_set!r} has "
+                f"no column {column!r}, so it has no subsets. Add the column to it, or gate another set's subset."
+            )
+        if gate.subset not in subsets:
+            known = ", ".join(dict.fromkeys(subsets))
+            raise ConfigError(
+                f"{gate.where}: gate {str(gate)!r} is on subset {gate.subset!r}, which eval set {gate.eval_set!r} "
+                f"does not have. Its subsets ({config.subset_column}): {known}."
+            )
 
 
 def _discover(specs: tuple[str, ...], allow_pickle: bool) -> list[Checkpoint]:

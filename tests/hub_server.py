@@ -3,8 +3,9 @@
 `HubServer` answers the endpoints described in `/work/shared/hub-protocol.md` (E0-E12): whoami, repo
 creation, README metadata validation, preupload, the LFS batch API with single-part and multipart uploads,
 atomic ndjson commits (optionally as pull requests, guarded by `parentCommit`), tags, branches, repo info
-and refs. It keeps an in-memory model that tests can assert on (`repos`, `lfs_objects`, `files_at`,
-`requests`) and mirrors it under `storage_dir`. Faults (`fail_next`, `hang_next`) make one request fail or stall.
+and refs; and, for `snapshot_download` and `hf_hub_download`, tree listings and file downloads (`resolve`).
+It keeps an in-memory model that tests can assert on (`repos`, `lfs_objects`, `files_at`, `requests`) and
+mirrors it under `storage_dir`. Faults (`fail_next`, `hang_next`) make one request fail or stall.
 
 `hub_environment` points an already-imported huggingface_hub at the server: it sets the environment
 variables the client reads per call and patches the module constants it read at import time.
@@ -440,6 +441,9 @@ class HubServer:
             return self._lfs_storage(request, segments[1:])
         if segments[:1] == ["lfs-verify"] and len(segments) == 2 and method == "POST":
             return self._lfs_verify(request, segments[1])
+        resolve_target = _resolve_target(segments)
+        if resolve_target is not None and method in ("GET", "HEAD"):
+            return self._resolve_file(request, *resolve_target)
         if segments[:1] != ["api"]:
             raise HubError(404, f"Not found: {request.method} {request.path}")
         rest = segments[1:]
@@ -462,6 +466,8 @@ class HubServer:
                 return self._repo_info(request, repo_type, repo_id, revision)
             if method == "GET" and action == "refs" and not args:
                 return self._refs(request, repo_type, repo_id)
+            if method == "GET" and action == "tree" and args:
+                return self._tree(request, repo_type, repo_id, args[0], "/".join(args[1:]))
             if method == "POST" and action == "preupload" and revision:
                 return self._preupload(request, repo_type, repo_id, revision)
             if method == "POST" and action == "commit" and revision:
@@ -943,6 +949,64 @@ class HubServer:
                 ]
         return _Response(200, refs)
 
+    # -- downloads: tree listing and resolve -----------------------------------------------------
+
+    def _commit_at(self, request: _Request, repo_type: str, repo_id: str, revision: str) -> Commit:
+        user = self._user(request)
+        assert user is not None
+        with self._lock:
+            repo = self._readable_repo(user, repo_type, repo_id)
+            oid = repo.resolve(revision)
+            if oid is None:
+                raise HubError(404, f"Revision Not Found: {revision}", "RevisionNotFound")
+            return repo.commit(oid)
+
+    def _tree(self, request: _Request, repo_type: str, repo_id: str, revision: str, folder: str) -> _Response:
+        """The files (with their LFS sha256) and folders under `folder`, all levels when `recursive`."""
+        commit = self._commit_at(request, repo_type, repo_id, revision)
+        recursive = request.query.get("recursive", "").lower() in ("1", "true")
+        prefix = f"{folder.strip('/')}/" if folder.strip("/") else ""
+        entries: dict[str, dict[str, Any]] = {}
+        for path in sorted(commit.files):
+            if not path.startswith(prefix):
+                continue
+            parts = path[len(prefix) :].split("/")
+            for level in range(1, len(parts) if recursive else min(len(parts), 2)):
+                subfolder = prefix + "/".join(parts[:level])
+                # A folder's oid is its git tree id on the Hub; nothing here reads it, so any stable id will do.
+                tree_id = hashlib.sha1(subfolder.encode()).hexdigest()
+                entries.setdefault(subfolder, {"type": "directory", "oid": tree_id, "size": 0, "path": subfolder})
+            if recursive or len(parts) == 1:
+                data = commit.files[path]
+                entry: dict[str, Any] = {"type": "file", "oid": git_blob_sha1(data), "size": len(data), "path": path}
+                if path in commit.lfs_paths:
+                    entry["lfs"] = {"oid": sha256_hex(data), "size": len(data), "pointerSize": 134}
+                entries[path] = entry
+        if prefix and not entries:
+            raise HubError(404, f"Entry Not Found: no folder '{folder}' at {commit.oid}", "EntryNotFound")
+        return _Response(200, list(entries.values()))
+
+    def _resolve_file(self, request: _Request, repo_type: str, repo_id: str, revision: str, path: str) -> _Response:
+        """A file's bytes, with the headers `hf_hub_download` reads: X-Repo-Commit, ETag, X-Linked-* for LFS."""
+        commit = self._commit_at(request, repo_type, repo_id, revision)
+        data = commit.files.get(path)
+        if data is None:
+            raise HubError(404, f"Entry Not Found: '{path}' at {commit.oid}", "EntryNotFound")
+        headers = {"X-Repo-Commit": commit.oid, "ETag": f'"{git_blob_sha1(data)}"'}
+        if path in commit.lfs_paths:
+            headers.update({"X-Linked-Etag": f'"{sha256_hex(data)}"', "X-Linked-Size": str(len(data))})
+        return _Response(200, data, headers=headers)
+
+
+def _resolve_target(segments: list[str]) -> tuple[str, str, str, str] | None:
+    """(repo type, repo id, revision, file path) of a `[datasets/|spaces/]{ns}/{name}/resolve/{rev}/{path}` URL."""
+    repo_type = "model"
+    if segments[:1] in (["datasets"], ["spaces"]):
+        repo_type, segments = _REPO_TYPES[segments[0]], segments[1:]
+    if len(segments) < 5 or segments[2] != "resolve" or not all(segments[4:]):
+        return None
+    return repo_type, f"{segments[0]}/{segments[1]}", segments[3], "/".join(segments[4:])
+
 
 def _make_commit(
     repo: Repo,
@@ -1107,9 +1171,10 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(response)
 
     def _send(self, response: _Response) -> None:
-        data = json.dumps(response.body).encode()
+        raw = isinstance(response.body, bytes)
+        data = response.body if raw else json.dumps(response.body).encode()
         self.send_response(response.status)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", "application/octet-stream" if raw else "application/json")
         self.send_header("Content-Length", str(len(data)))
         if response.error_code is not None:
             self.send_header("X-Error-Code", response.error_code)
@@ -1215,6 +1280,7 @@ def hub_environment(server: HubServer, home: Path, token: str | None) -> Iterato
     }
     patches: list[tuple[object, str, object]] = [
         (constants, "ENDPOINT", server.url),
+        (constants, "HUGGINGFACE_CO_URL_TEMPLATE", server.url + "/{repo_id}/resolve/{revision}/{filename}"),
         (constants, "HF_HUB_OFFLINE", False),
         (constants, "HF_HUB_DISABLE_TELEMETRY", True),
         (constants, "HF_HUB_DISABLE_XET", True),

@@ -120,8 +120,9 @@ def checkpoint_run(checkpoint: Path | str, *extra: str, eval_set: Path | str = E
 
 
 def usage_run(*extra: str, checkpoint: Path | str = FULL_RUN / "checkpoint-4") -> PluginRun:
-    """A run refused at start-up, before any model is loaded."""
-    return run(f"--dpo-checkpoint={checkpoint}", f"--dpo-reference={BASE}", f"--dpo-eval-set={EVAL_STANDARD}", *extra)
+    """A run refused at start-up, before any model is loaded; on the standard eval set unless `extra` gives one."""
+    eval_set = [] if any(arg.startswith("--dpo-eval-set=") for arg in extra) else [f"--dpo-eval-set={EVAL_STANDARD}"]
+    return run(f"--dpo-checkpoint={checkpoint}", f"--dpo-reference={BASE}", *eval_set, *extra)
 
 
 def edit_json(path: Path, change: Callable[[dict], object]) -> None:
@@ -314,6 +315,12 @@ def gate_lines(*lines: str) -> Callable[[Workspace], PluginRun]:
     return setup
 
 
+def older_eval_set_key(work: Workspace) -> PluginRun:
+    """`dpo_eval_set = PATH`, the ini key of a single eval set, still read."""
+    (work.path / "pytest.ini").write_text(f"[pytest]\ndpo_eval_set = nowhere.jsonl\ndpo_reference = {BASE}\n")
+    return run(f"--dpo-checkpoint={FULL_RUN}/checkpoint-4")
+
+
 def blocked_save_dir(work: Workspace) -> PluginRun:
     (work.path / "blocked").write_text("a file where the save dir should be")
     return run(f"--dpo-checkpoint={FULL_RUN / 'checkpoint-4'}", f"--dpo-reference={BASE}", f"--dpo-eval-set={EVAL_STANDARD}",
@@ -428,9 +435,9 @@ FAILED = pytest.ExitCode.TESTS_FAILED
 CASES = [
     # The eval set: refused before any model is loaded, with the file, the line and the field.
     Case("eval-set-not-given", lambda work: run(f"--dpo-checkpoint={FULL_RUN}"),
-         "--dpo-eval-set / dpo_eval_set: no eval set given", "Pass the frozen preference eval set"),
+         "--dpo-eval-set / dpo_eval_sets: no eval set given", "Pass the frozen preference eval set"),
     Case("eval-set-not-found", lambda work: usage_run("--dpo-eval-set=missing.jsonl"),
-         "--dpo-eval-set / dpo_eval_set: missing.jsonl: eval set not found", "Check the path"),
+         "--dpo-eval-set / dpo_eval_sets: missing.jsonl: eval set not found", "Check the path"),
     Case("eval-set-empty", lambda work: usage_run(f"--dpo-eval-set={work.jsonl([])}"),
          "eval.jsonl: the file is empty", "Add preference rows with 'chosen' and 'rejected'"),
     Case("non-json-line", bad_json_line, "eval.jsonl:2: not valid JSON", "fix or remove this line"),
@@ -551,6 +558,24 @@ CASES = [
          "dpo_gates line 2: cannot read gate 'rewards/margins => 0'", "Write `<metric> <op> <number>`"),
     Case("unknown-metric-in-gate", gate_lines("rewards/acc >= 0.6"),
          "dpo_gates line 1: unknown metric 'rewards/acc'", "Known metrics: loss"),
+    # Several eval sets and subsets.
+    Case("unknown-eval-set-in-gate", gate_lines("loss <= 0.75", "safety: loss <= 0.7"),
+         "dpo_gates line 2: gate 'safety: loss <= 0.7' names eval set 'safety'", "Known eval sets: default."),
+    Case("subset-gate-without-subset-column", gate_lines("default/math: loss <= 0.7"),
+         "dpo_gates line 1: gate 'default/math: loss <= 0.7' is on subset 'math', but no column splits",
+         "Name it with --dpo-subset-column / dpo_subset_column"),
+    Case("eval-set-in-the-older-ini-key", older_eval_set_key, "--dpo-eval-set / dpo_eval_sets: nowhere.jsonl: eval set not found",
+         "Check the path"),
+    Case("eval-set-name-given-twice", lambda work: usage_run(f"--dpo-eval-set={EVAL_STANDARD}", "--dpo-eval-set=e.jsonl"),
+         "--dpo-eval-set: eval set 'default' is given twice", "Give each set its own name"),
+    Case("eval-set-name-malformed", lambda work: run(f"--dpo-checkpoint={FULL_RUN}", "--dpo-eval-set=my set=eval.jsonl"),
+         "--dpo-eval-set: 'my set' in 'my set=eval.jsonl' is not an eval-set name", "Use letters, digits"),
+    Case("named-eval-set-not-found", lambda work: run(f"--dpo-checkpoint={FULL_RUN}", "--dpo-eval-set=safety=gone.jsonl"),
+         "--dpo-eval-set / dpo_eval_sets: eval set 'safety': gone.jsonl: eval set not found", "Check the path"),
+    Case("subset-column-value-missing", lambda work: usage_run(
+             "--dpo-subset-column=subset", f"--dpo-eval-set={EVAL_STANDARD}",
+             f"--dpo-eval-set=topics={work.jsonl([standard_row(subset='a'), standard_row()], 'topics.jsonl')}"),
+         "topics.jsonl:2: 'subset' is missing", "every row needs a subset name"),
     # Publishing.
     Case("save-dir-not-writable", blocked_save_dir, "cannot write to save dir blocked/released", "Choose a writable --dpo-save-dir"),
     Case("disk-full-while-saving", disk_full,
@@ -579,6 +604,8 @@ BAD_OPTION_VALUES = {
     "checkpoint": ("nowhere", "Check the path"),
     "reference": ("nowhere", "Download it first"),
     "eval_set": ("nowhere.jsonl", "Check the path"),
+    "eval_set_options": ("max_length 64", "Write `NAME: key=value …`"),
+    "subset_column": ("topic", "no eval set has a column 'topic'"),
     "baseline": ("nowhere", "Give the last release's checkpoint folder"),
     "gate": ("rewards/margins => 0", "Write `<metric> <op> <number>`"),
     "beta": ("lots", "give a number"),

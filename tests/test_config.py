@@ -12,8 +12,9 @@ from pytest_dpo.options import ALL_OPTIONS, ConfigError, option_spec
 from pytest_dpo.run_settings import COMMAND_LINE, INI
 
 EMPTY_INI = {
-    spec.ini: [] if spec.ini_type in ("paths", "linelist") else (False if spec.ini_type == "bool" else "")
+    key: [] if spec.ini_type in ("paths", "linelist") else (False if spec.ini_type == "bool" else "")
     for spec in ALL_OPTIONS
+    for key in spec.ini_keys
 }
 
 
@@ -47,12 +48,16 @@ def test_flags_come_from_either_place_and_turn_their_value_around_where_named_no
 
 def test_ini_paths_are_relative_to_the_ini_file(tmp_path: Path) -> None:
     (tmp_path / "eval.jsonl").write_text("{}\n")
-    config = read(ini={"dpo_eval_set": "eval.jsonl", "dpo_baseline": "gone", "dpo_report": "report", "dpo_save_dir": "out"},
+    (tmp_path / "safety.jsonl").write_text("{}\n")
+    config = read(ini={"dpo_eval_set": ["eval.jsonl"], "dpo_eval_sets": ["safety = safety.jsonl"], "dpo_baseline": "gone", "dpo_report": "report", "dpo_save_dir": "out"},
                   ini_dir=tmp_path)
-    assert config.eval_set == str(tmp_path / "eval.jsonl")
+    assert [(spec.name, spec.source) for spec in config.eval_sets] == [
+        ("default", str(tmp_path / "eval.jsonl")),
+        ("safety", str(tmp_path / "safety.jsonl")),
+    ]
     assert config.baseline == "gone"  # an input missing there is left as written, for its own error
     assert (config.report_dir, config.publish.save_dir) == (str(tmp_path / "report"), str(tmp_path / "out"))
-    assert read({"eval_set": "eval.jsonl"}, ini_dir=tmp_path).eval_set == "eval.jsonl"
+    assert read({"eval_set": ["eval.jsonl"]}, ini_dir=tmp_path).eval_sets[0].source == "eval.jsonl"
 
 
 def test_the_lock_turns_off_with_none() -> None:
@@ -109,9 +114,9 @@ def test_an_output_folder_that_is_a_file_is_refused(name: str, tmp_path: Path) -
 
 
 def test_checkpoints_need_an_eval_set(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"^--dpo-eval-set / dpo_eval_set: no eval set given\. Pass the frozen"):
+    with pytest.raises(ConfigError, match=r"^--dpo-eval-set / dpo_eval_sets: no eval set given\. Pass the frozen"):
         read({"checkpoint": [str(tmp_path)]})
-    config = read(ini={"dpo_checkpoint": [tmp_path], "dpo_eval_set": "eval.jsonl"})
+    config = read(ini={"dpo_checkpoint": [tmp_path], "dpo_eval_set": ["eval.jsonl"]})
     assert config.checkpoints == (str(tmp_path),) and config.active
 
 

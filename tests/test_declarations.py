@@ -56,10 +56,10 @@ def test_a_typed_default_text_reads_back_as_the_default() -> None:
 
 
 def test_the_plugin_reads_the_declared_defaults_when_nothing_is_given() -> None:
-    defaults = {spec.ini: [] if spec.ini_type in ("paths", "linelist") else (False if spec.ini_type == "bool" else "")
-                for spec in ALL_OPTIONS}
+    defaults = {key: [] if spec.ini_type in ("paths", "linelist") else (False if spec.ini_type == "bool" else "")
+                for spec in ALL_OPTIONS for key in spec.ini_keys}
     nothing = read_run_config(lambda dest: None, defaults.__getitem__, None)
-    assert nothing == RunConfig(checkpoints=(), reference=None, eval_set=None, settings=DPOSettings(), gates=())
+    assert nothing == RunConfig(checkpoints=(), reference=None, eval_sets=(), settings=DPOSettings(), gates=())
     assert (nothing.lock, nothing.samples, nothing.generation) == tuple(
         option_spec(name).default for name in ("lock", "samples", "generation")
     )

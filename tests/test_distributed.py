@@ -127,12 +127,12 @@ COLLECTIVES = """
     def fail_on_rank_1(positions):
         if world.rank == 1:
             raise ValueError("out of memory, say")
-        values = torch.tensor(positions, dtype=torch.float32)
+        values = torch.tensor(positions["eval"], dtype=torch.float32)
         statistics = {field.name: values for field in fields(TokenStatistics)}
-        return {"policy": SequenceScores(values, values, **statistics)}
+        return {"eval": {"policy": SequenceScores(values, values, **statistics)}}
 
     try:
-        world.score_shards([3, 1, 2, 5, 4], fail_on_rank_1)
+        world.score_parts({"eval": [3, 1, 2, 5, 4]}, fail_on_rank_1)
     except Exception as error:
         out["shards"] = f"{type(error).__name__}: {error}"
 

@@ -27,7 +27,8 @@ def test_drifted_eval_set_is_caught_then_accepted_with_update_lock(pytester: pyt
     first.assert_outcomes(passed=1)
     first.stdout.fnmatch_lines(["eval-set lock dpo.lock: created"])
     lock = json.loads((pytester.path / "dpo.lock").read_text())
-    assert lock["eval_set_path"] == "eval.jsonl" and lock["rows"] == 24
+    entry = lock["eval_sets"]["default"]
+    assert entry["eval_set_path"] == "eval.jsonl" and entry["rows"] == 24
 
     pytester.runpytest(*options).stdout.fnmatch_lines(["eval-set lock dpo.lock: unchanged"])
 

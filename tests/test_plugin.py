@@ -172,7 +172,7 @@ def test_bad_gate_line_is_a_usage_error_naming_the_line(pytester: pytest.Pyteste
         ("--dpo-batch-size=0", "ERROR: --dpo-batch-size / dpo_batch_size: batch_size must be at least 1*"),
         ("--dpo-dtype=fp8", "ERROR: --dpo-dtype / dpo_dtype: Unknown dtype 'fp8'*"),
         ("--dpo-checkpoint=nowhere", "ERROR: --dpo-checkpoint / dpo_checkpoint: nowhere: checkpoint not found*"),
-        ("--dpo-eval-set=missing.jsonl", "ERROR: --dpo-eval-set / dpo_eval_set: missing.jsonl: eval set not found*"),
+        ("--dpo-eval-set=other=missing.jsonl", "ERROR: --dpo-eval-set / dpo_eval_sets: eval set 'other': missing.jsonl: eval set not found*"),
     ],
 )
 def test_bad_option_values_are_usage_errors_naming_the_option(pytester: pytest.Pytester, option: str, message: str) -> None:
@@ -184,7 +184,7 @@ def test_bad_option_values_are_usage_errors_naming_the_option(pytester: pytest.P
 
 def test_missing_eval_set_is_a_usage_error(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest(f"--dpo-checkpoint={FULL_RUN}")
-    result.stderr.fnmatch_lines(["ERROR: --dpo-eval-set / dpo_eval_set: no eval set given.*"])
+    result.stderr.fnmatch_lines(["ERROR: --dpo-eval-set / dpo_eval_sets: no eval set given.*"])
 
 
 def test_the_same_checkpoint_twice_is_a_usage_error(pytester: pytest.Pytester) -> None:

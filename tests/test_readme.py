@@ -63,4 +63,4 @@ def test_the_main_command_prints_what_the_readme_shows(fresh_clone: Path) -> Non
     assert len(printed) - start >= len(expected)
     assert sorted(path.name for path in (fresh_clone / "examples" / "released").iterdir()) == ["checkpoint-4", "checkpoint-6"]
     again = run(command, fresh_clone)
-    assert "score cache: 6 hits, 0 misses" in again.stdout
+    assert "score cache: 12 hits, 0 misses" in again.stdout

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -44,7 +45,7 @@ from pytest_dpo.report_files import (
     write_report,
 )
 from pytest_dpo.report_markdown import render_markdown
-from pytest_dpo.report_plot import _PANELS, render_plot
+from pytest_dpo.report_plot import _PANELS, plot_figure, render_plot
 from pytest_dpo.report_terminal import metrics_table, verdict_table
 from pytest_dpo.results import PerExample
 from pytest_dpo.verdicts import Verdicts, gate_nodeid
@@ -304,14 +305,14 @@ def test_importing_the_report_modules_stays_light() -> None:
 
 def test_terminal_tables_keep_their_layout() -> None:
     result = SimpleNamespace(checkpoint="checkpoint-2", metrics=metrics(-0.0123, 0.625, 0.7012), num_examples=8,
-                             dropped_rows=[5])
+                             dropped_rows=[5], subset_labels=None)
     table = metrics_table([result])
     assert table.splitlines()[0] == "metric".ljust(20) + "checkpoint-2".rjust(14)
     assert table.splitlines()[-1] == "examples".ljust(20) + "8 (-1)".rjust(14)
     verdicts = Verdicts(["checkpoint-2"])
     verdicts.expect("checkpoint-2", "dpo-gate[checkpoint-2: rewards/margins > 0]")
     verdicts.record("checkpoint-2", "dpo-gate[checkpoint-2: rewards/margins > 0]", "call", "failed")
-    lines = verdict_table(["checkpoint-2"], {"checkpoint-2": result}, verdicts).splitlines()
+    lines = verdict_table(["checkpoint-2"], {"checkpoint-2": {"default": result}}, verdicts).splitlines()
     assert lines[0] == "checkpoint                 loss  margins accuracy   chosen rejected  verdict"
     assert lines[1].startswith("checkpoint-2") and lines[1].endswith("  FAILED")
     assert lines[2:] == ["checkpoint-2: 1 failed", "  failed: dpo-gate[checkpoint-2: rewards/margins > 0]"]
@@ -473,3 +474,70 @@ def test_a_report_with_intervals_serves_as_baseline(written: tuple[Path, list[Pa
 
 def test_the_plot_shows_exactly_the_summary_metrics() -> None:
     assert sorted(name for _, names in _PANELS for name in names) == sorted(metric.name for metric in SUMMARY_METRICS)
+
+
+def scope(margin: float, accuracy: float, loss: float, rows: int) -> dict:
+    """An eval set's record in a checkpoint entry (`ReportEntry.eval_sets`), without intervals."""
+    return {"metrics": metrics(margin, accuracy, loss), "diagnostics": {}, "intervals": {}, "diagnostic_intervals": {},
+            "num_examples": rows, "dropped_rows": []}
+
+
+def two_set_report() -> dict:
+    """`make_report`'s checkpoints scored on `default` and `safety` (6 rows, from the Hub, its own max_length);
+    checkpoint-2 also fails the gate `safety: rewards/margins > 0`."""
+    entries = make_entries()
+    for index, (margin, accuracy) in enumerate([(-0.5, 0.25), (0.125, 0.5), (0.75, 1.0)]):
+        own = scope(*(entries[index].metrics[name] for name in ("rewards/margins", "rewards/accuracies", "loss")), 8)
+        entries[index] = dataclasses.replace(entries[index], eval_sets={"default": own, "safety": scope(margin, accuracy, 0.5, 6)})
+    entries[0].verdict["gates"]["dpo-gate[checkpoint-2: safety: rewards/margins > 0]"] = "safety: rewards/margins > 0"
+    entries[0].verdict["tests"]["failed"].append("dpo-gate[checkpoint-2: safety: rewards/margins > 0]")
+    sets = [
+        {"name": "default", "path": "data/eval.jsonl", "file": "eval.jsonl", "sha256": "ab12" * 16, "rows": 8,
+         "format": "standard", "revision": None, "options": {}},
+        {"name": "safety", "path": "hub:org/safety", "file": "safety", "sha256": "cd34" * 16, "rows": 6,
+         "format": "standard", "revision": "0123456789abcdef", "options": {"max_length": "64"}},
+    ]
+    return build_report(entries, eval_set=EVAL_SET, gates=GATES, settings=SETTINGS, versions=VERSIONS, eval_sets=sets)
+
+
+def test_a_report_of_two_sets_has_a_section_and_a_plot_row_per_set(tmp_path: Path) -> None:
+    report = two_set_report()
+    jsonschema.validate(report, report_schema(), cls=jsonschema.Draft202012Validator)
+    markdown = render_markdown(report)
+    assert "`hub:org/safety`: 6 rows, standard, sha256 `cd34cd34cd34`, revision `0123456789ab`, max_length=64" in markdown
+    safety = markdown[markdown.index("### Eval set: safety"):]
+    [row] = [line for line in safety.splitlines() if line.startswith("| checkpoint-6 | 6 |")]
+    assert "| 0.7500 | 1.0000 |" in row and row.endswith("✅ passed |")
+    assert "- failed gate `safety: rewards/margins > 0`: rewards/margins = **-0.5000**, required > 0" in markdown
+    assert "- failed gate `rewards/margins > 0`: rewards/margins = **-0.0123**, required > 0" in markdown
+    assert "Subsets of" not in markdown
+    figure = plot_figure(report)
+    assert len(figure.axes) == 8 and [sub.get_suptitle() for sub in figure.subfigs][1] == "Eval set: safety (safety, 6 rows)"
+    # A checkpoint whose evaluation failed has no numbers in any set's table.
+    report["checkpoints"][1] = {key: value for key, value in report["checkpoints"][1].items() if key != "eval_sets"}
+    assert safety.count("| checkpoint-4 | 4 |") == 1 and "| checkpoint-4 | 4 | — |" in render_markdown(report)
+    assert render_plot(report, tmp_path / "plot.png")
+
+
+def test_build_report_refuses_an_eval_set_record_without_its_keys() -> None:
+    with pytest.raises(ValueError, match="an eval_sets record lacks revision, options"):
+        build_report([], eval_set=EVAL_SET, gates=[], settings={}, versions={}, eval_sets=[{"name": "x", "file": "x"} | EVAL_SET])
+
+
+def test_the_verdict_table_of_two_sets_has_a_row_per_set_and_dashes_for_a_failed_evaluation() -> None:
+    def result(margin: float) -> SimpleNamespace:
+        return SimpleNamespace(metrics=metrics(margin, 0.5, 0.7), num_examples=8, subset_labels=None, subsets=[])
+
+    verdicts = Verdicts(["checkpoint-2", "checkpoint-4"])
+    for checkpoint in ("checkpoint-2", "checkpoint-4"):
+        verdicts.expect(checkpoint, f"t::a[{checkpoint}]")
+        verdicts.record(checkpoint, f"t::a[{checkpoint}]", "call", "passed")
+    results = {"checkpoint-2": {"default": result(0.25), "safety": result(-0.5)}}
+    lines = verdict_table(["checkpoint-2", "checkpoint-4"], results, verdicts).splitlines()
+    assert lines == [
+        "checkpoint    eval set      N     loss  margins accuracy   chosen rejected  verdict",
+        "checkpoint-2  default       8   0.7000   0.2500   0.5000   0.1250  -0.1250  PASSED",
+        "              safety        8   0.7000  -0.5000   0.5000  -0.2500   0.2500",
+        "checkpoint-4  default       -        -        -        -        -        -  PASSED",
+        "              safety        -        -        -        -        -        -",
+    ]

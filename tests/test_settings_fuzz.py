@@ -66,8 +66,8 @@ def command_lines(draw: st.DrawFn) -> tuple[dict[str, Any], dict[str, Any]]:
 @given(given_values=command_lines())
 def test_read_run_config_raises_only_config_errors_with_a_message(given_values: tuple[dict[str, Any], dict[str, Any]]) -> None:
     options, ini_values = given_values
-    defaults = {spec.ini: [] if spec.ini_type in ("paths", "linelist") else (False if spec.ini_type == "bool" else "")
-                for spec in ALL_OPTIONS}
+    defaults = {key: [] if spec.ini_type in ("paths", "linelist") else (False if spec.ini_type == "bool" else "")
+                for spec in ALL_OPTIONS for key in spec.ini_keys}
     try:
         config = read_run_config(options.get, lambda key: ini_values.get(key, defaults[key]), Path("/nonexistent-ini-dir"))
     except ConfigError as error:

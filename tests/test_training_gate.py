@@ -357,8 +357,8 @@ def test_the_readme_example_runs_on_the_bundled_fixtures_and_prints_what_the_rea
     assert len(printed) - start == len(shown), "\n".join(printed[start:])
     assert all(fnmatch(line, pattern) for line, pattern in zip(printed[start:], patterns)), "\n".join(printed[start:])
     commits = [commit.summary.split(" (")[0] for commit in hub.repo("my-org/my-dpo-model").commits]
-    assert [summary for summary in commits if summary.startswith("Release")] == ["Release checkpoint-4"]
-    assert sorted(path.name for path in (clone / "examples" / "released").iterdir()) == ["checkpoint-4"]
+    assert [summary for summary in commits if summary.startswith("Release")] == ["Release checkpoint-4", "Release checkpoint-6"]
+    assert sorted(path.name for path in (clone / "examples" / "released").iterdir()) == ["checkpoint-4", "checkpoint-6"]
 
 
 DISTRIBUTED_TRAINING = """
