@@ -158,7 +158,8 @@ def build_workload(workdir: Path, checkpoints: int, rows: int, vocab_size: int |
     return Workload(base, paths, eval_file, parameters, vocab)
 
 
-def new_base_model(tokenizer: Any, vocab_size: int) -> torch.nn.Module:
+def new_base_model(tokenizer: Any, vocab_size: int, shape: dict[str, int] = MODEL_SHAPE) -> torch.nn.Module:
+    """A seeded random-init Qwen2 of `shape` (hidden size, layers, heads, ...) with `vocab_size` tokens."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     config = Qwen2Config(
@@ -168,7 +169,7 @@ def new_base_model(tokenizer: Any, vocab_size: int) -> torch.nn.Module:
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=None,
-        **MODEL_SHAPE,
+        **shape,
     )
     torch.manual_seed(DATA_SEED)
     return Qwen2ForCausalLM(config).eval()
@@ -404,6 +405,22 @@ class TrlCheckpoint:
         return self.construct_s + self.evaluate_s
 
 
+def trl_config_kwargs() -> dict[str, Any]:
+    """`DPOConfig`'s arguments besides `output_dir`: SETTINGS as TRL spells them, fp32 on CPU, no logging."""
+    return {
+        "per_device_eval_batch_size": SETTINGS.batch_size,
+        "beta": SETTINGS.beta,
+        "loss_type": list(SETTINGS.loss_type),
+        "max_length": SETTINGS.max_length,
+        "report_to": [],
+        "use_cpu": True,
+        "bf16": False,
+        "fp16": False,
+        "dataloader_num_workers": 0,
+        "disable_tqdm": True,
+    }
+
+
 def trl_checkpoint(checkpoint: Path, workload: Workload, rows: list[dict[str, Any]], output_dir: Path) -> TrlCheckpoint:
     """What a user pays for one checkpoint with TRL: load both models, build the trainer, evaluate()."""
     from datasets import Dataset
@@ -414,19 +431,7 @@ def trl_checkpoint(checkpoint: Path, workload: Workload, rows: list[dict[str, An
     with contextlib.redirect_stdout(io.StringIO()), stopwatch(times, "construct"):
         model = AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=torch.float32)
         ref_model = AutoModelForCausalLM.from_pretrained(str(workload.base), dtype=torch.float32)
-        config = DPOConfig(
-            output_dir=str(output_dir),
-            per_device_eval_batch_size=SETTINGS.batch_size,
-            beta=SETTINGS.beta,
-            loss_type=list(SETTINGS.loss_type),
-            max_length=SETTINGS.max_length,
-            report_to=[],
-            use_cpu=True,
-            bf16=False,
-            fp16=False,
-            dataloader_num_workers=0,
-            disable_tqdm=True,
-        )
+        config = DPOConfig(output_dir=str(output_dir), **trl_config_kwargs())
         trainer = DPOTrainer(
             model=model,
             ref_model=ref_model,

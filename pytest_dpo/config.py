@@ -121,7 +121,7 @@ def read_run_config(
         eval_sets=eval_sets,
         settings=settings,
         explicit_settings=explicit_settings,
-        gates=_gates_per_set(values["gate"], [spec.name for spec in eval_sets]),
+        gates=_gates_per_set(values["gate"], [spec.name for spec in eval_sets], _replaced_sets_hint(found)),
         publish=PublishConfig(**{spec.name: values[spec.name] for spec in PUBLISH_OPTIONS}),
         cache_dir=values["cache_dir"],
         use_cache=not values["no_cache"],
@@ -150,14 +150,22 @@ def _with_options(
         raise ConfigError(str(error)) from None
 
 
-def _gates_per_set(gates: tuple[Gate, ...], names: list[str]) -> tuple[Gate, ...]:
+def _replaced_sets_hint(found: Mapping[str, Given]) -> str:
+    """Why an ini gate may name a set the run lacks: the command line's sets replaced the ini file's."""
+    sets, gates = found.get("eval_set"), found.get("gate")
+    if sets is None or gates is None or sets.source != COMMAND_LINE or gates.source != INI:
+        return ""
+    return f" ({sets.where} on the command line replaces the ini file's eval sets.)"
+
+
+def _gates_per_set(gates: tuple[Gate, ...], names: list[str], hint: str = "") -> tuple[Gate, ...]:
     """Every gate with its eval set checked; in a run with several sets, a gate without a prefix becomes one per set."""
     per_set: list[Gate] = []
     for gate in gates:
         if gate.eval_set is not None and names and gate.eval_set not in names:
             raise ConfigError(
                 f"{gate.where}: gate {str(gate)!r} names eval set {gate.eval_set!r}, which this run does not have. "
-                f"Known eval sets: {', '.join(names)}."
+                f"Known eval sets: {', '.join(names)}.{hint}"
             )
         if gate.eval_set is None and len(names) > 1:
             per_set += [dataclasses.replace(gate, eval_set=name) for name in names]

@@ -126,6 +126,9 @@ def test_unknown_set_names_in_gates_and_options_are_usage_errors_naming_the_line
     with pytest.raises(ConfigError, match=r"^dpo_gates line 2: gate 'safty: loss < 1' names eval set 'safty', which this "
                                           r"run does not have\. Known eval sets: helpful, safety\.$"):
         _read({}, {"dpo_eval_sets": ["helpful = h.jsonl", "safety = s.jsonl"], "dpo_gates": ["loss < 2", "safty: loss < 1"]})
+    with pytest.raises(ConfigError, match=r"Known eval sets: x\. \(--dpo-eval-set on the command line replaces the ini "
+                                          r"file's eval sets\.\)$"):
+        _read({"eval_set": ["x=x.jsonl"]}, {"dpo_eval_sets": ["safety = s.jsonl"], "dpo_gates": ["safety: loss < 1"]})
     with pytest.raises(ConfigError, match=r"^--dpo-eval-set-options: options for eval set 'safty', which this run does "
                                           r"not have\. Known eval sets: default\.$"):
         _read({"eval_set": ["e.jsonl"], "eval_set_options": ["safty: max_length=8"]})
