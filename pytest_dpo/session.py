@@ -29,6 +29,7 @@ from .config import RunConfig
 from .eval_sets import DEFAULT_EVAL_SET, EvalSetSpec
 from .evalset import HUB_PREFIX, EvalSet, EvalSetError, load_eval_set
 from .options import ConfigError, option_spec, setting_error
+from .prefetch import Prefetcher
 from .settings import SettingsError
 
 if TYPE_CHECKING:
@@ -97,6 +98,8 @@ class DPOSession:
         self.samples: dict[str, list[Sample]] = {}
         self._reference_completions: dict[Any, list[str]] = {}
         self.progress: Callable[[], ContextManager[Any]] | None = None
+        # An xdist worker does not know which checkpoint it gets next; a single process or a torchrun rank does.
+        self.prefetcher = Prefetcher() if worker_index is None or world is not None else None
         cache_dir = (config.cache_dir or default_cache_dir) if config.use_cache else None
         self.cache = ScoreCache(cache_dir if world is None or world.is_main else None)
         if world is not None:
@@ -236,6 +239,7 @@ class DPOSession:
         from .evaluation import score_together
 
         started = time.perf_counter()
+        self._prefetch_after(checkpoint_id)
         try:
             evaluations = [self.evaluation(checkpoint_id, name) for name in self.eval_sets]
             with self.progress() if self.progress else contextlib.nullcontext():
@@ -248,6 +252,12 @@ class DPOSession:
         if self.config.samples and (self.world is None or self.world.is_main):
             self.generate_samples(checkpoint_id)
         return self.results[checkpoint_id]
+
+    def _prefetch_after(self, checkpoint_id: str) -> None:
+        """Start reading the weights of the checkpoint after this one while this one is scored."""
+        position = self.ids.index(checkpoint_id) + 1
+        if self.prefetcher is not None and position < len(self.ids):
+            self.prefetcher.start(self.checkpoints[position])
 
     def generate_samples(self, checkpoint_id: str) -> list[Sample]:
         """Completions of the policy and the reference for the first `--dpo-samples` prompts (memoized).
