@@ -4,13 +4,16 @@ The LM head runs only on completion positions, a bounded number of tokens at
 a time, and each chunk of logits is reduced at once (what TRL 1.16's fused LM
 head does), so the full `batch x length x vocab` logits never exist.
 
-With prompt sharing, a batch's prompts run once and both completions of each
-row continue from the prompt's KV cache, instead of the prompt running twice
-(once before the chosen, once before the rejected completion). It is used for
-rows that truncation leaves whole and for models whose cache is a plain
-`DynamicCache` (no sliding-window or linear-attention layers); other batches
-and models take the two-sequence path. Both give the same numbers up to float
-rounding.
+With prompt sharing, each row's prompt runs once instead of twice (once before
+the chosen, once before the rejected completion). Where the model's attention
+takes a custom mask (`sdpa`, `eager`) over every layer, a row's prompt and both
+completions run as one packed sequence (`packing`): each distinct token is
+computed once and a batch is padded only to its longest row; the first packed
+batch of each model is checked against the KV-cache path. Elsewhere a batch's
+prompts run once and both completions of each row continue from the prompt's
+KV cache, for models whose cache is a plain `DynamicCache` (no sliding-window
+or linear-attention layers). Truncated rows, and other models, take the
+two-sequence path. All give the same numbers up to float rounding.
 
 A mixture-of-experts model (one whose config has `output_router_logits`) also
 returns its router logits, and each row keeps its routing sums over the real
@@ -35,6 +38,7 @@ import torch
 
 from .moe import RouterSetup, router_request, router_setup, router_totals, routing_sums
 from .results import SequenceScores
+from .packing import MASK_KINDS, pack, packed_length
 from .tokenization import TokenizedEvalSet, TokenizedRow
 
 # Elements of fp32 logits alive at once in the chunked LM head (256 MiB): with a 150k vocab, chunks of ~220
@@ -138,6 +142,8 @@ def score(
         )
     # Prefix tuning's virtual keys and values are the KV cache itself: no cache of ours can continue from them.
     share_prompt = share_prompt and not prompt_learning
+    packing = _packing_implementation(causal_lm.config) if share_prompt and setup is None else None
+    packing_checked = False
     pairs = [sequence_pair(row, max_length, truncation_mode) for row in tokenized.rows]
     n = len(pairs)
     out = {name: torch.zeros(n, dtype=torch.float32) for name in _SUMS}
@@ -147,11 +153,18 @@ def score(
     model.eval()
     try:
         with torch.inference_mode():
-            for batch_rows in _batches_by_length(pairs, batch_size):
+            for batch_rows in _batches_by_length(pairs, batch_size, tokenized.rows if share_prompt else None):
                 batch = [tokenized.rows[i] for i in batch_rows]
-                shared = _shared_prompt_sums(backbone, batch, head, transform, device, max_length, setup) if share_prompt else None
+                shared = None
+                if packing is not None and _packable(batch, max_length):
+                    shared = _packed_sums(backbone, batch, head, transform, device, packing)
+                    if not packing_checked:
+                        packing, shared = _checked_packing(shared, packing, backbone, batch, head, transform, device)
+                        packing_checked = True
+                elif share_prompt:
+                    shared = _shared_prompt_sums(backbone, batch, head, transform, device, max_length, setup)
                 if shared is _NOT_SHAREABLE_MODEL:
-                    share_prompt, shared = False, None
+                    share_prompt, packing, shared = False, None, None
                 if shared is not None:
                     sums, completion = shared
                     layout = _INTERLEAVED
@@ -214,8 +227,14 @@ def _shared_lengths(scored_counts: torch.Tensor, layout: tuple[slice, slice]) ->
     return lengths
 
 
-def _batches_by_length(pairs: list[tuple[list[int], ...]], batch_size: int) -> Iterator[list[int]]:
-    order = sorted(range(len(pairs)), key=lambda i: -max(len(pairs[i][0]), len(pairs[i][2])))
+def _batches_by_length(
+    pairs: list[tuple[list[int], ...]], batch_size: int, packed: list[TokenizedRow] | None = None
+) -> Iterator[list[int]]:
+    """Row indices in batches of similar length: of the longer sequence, or with `packed` rows of the packed row."""
+    if packed is not None:
+        order = sorted(range(len(pairs)), key=lambda i: -packed_length(packed[i]))
+    else:
+        order = sorted(range(len(pairs)), key=lambda i: -max(len(pairs[i][0]), len(pairs[i][2])))
     for start in range(0, len(order), batch_size):
         yield order[start : start + batch_size]
 
@@ -254,6 +273,75 @@ def _one_position_of_logits(causal_lm_class: type) -> dict[str, int]:
 
 
 _NOT_SHAREABLE_MODEL = object()
+# How far a packed batch's per-token log-probs may be from the KV-cache path's before packing is turned off
+# for the model: rounding stays far below, a mask the model does not honour is far above.
+_PACKING_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-8}
+_HALF_PRECISION_TOLERANCE = 5e-2
+
+
+def _packing_implementation(config: Any) -> str | None:
+    """The attention implementation packed rows run with (`sdpa` or `eager`), or None where the model's
+    attention is not plain causal attention over every layer (sliding windows, linear attention, others)."""
+    implementation = getattr(config, "_attn_implementation", None)
+    layer_types = getattr(config, "layer_types", None) or ()
+    windowed = getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True)
+    if implementation not in MASK_KINDS or windowed or any(kind != "full_attention" for kind in layer_types):
+        return None
+    return implementation
+
+
+def _packable(rows: list[TokenizedRow], max_length: int | None) -> bool:
+    return all(row.prompt_ids and row.chosen_ids and row.rejected_ids and not _truncated(row, max_length) for row in rows)
+
+
+def _packed_sums(
+    backbone: torch.nn.Module,
+    rows: list[TokenizedRow],
+    head: torch.nn.Module,
+    transform: LogitTransform,
+    device: torch.device,
+    implementation: str,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Completion sums of a batch with each row's prompt and both completions in one packed sequence
+    (`packing`), sequences interleaved as on the KV-cache path, with their completion mask."""
+    batch = pack(rows, device)
+    dtype = next(backbone.parameters()).dtype
+    hidden = backbone(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask(implementation, dtype),
+        position_ids=batch.position_ids,
+        use_cache=False,
+    ).last_hidden_state
+    owner = torch.arange(len(rows), device=hidden.device).repeat_interleave(2).unsqueeze(1)
+    predicting = hidden[owner, batch.predicting.to(hidden.device)]
+    attention = batch.completion_attention
+    shared_lengths = _shared_lengths(attention.sum(dim=1), _INTERLEAVED)
+    return _completion_sums(predicting, batch.completion_ids, attention.bool(), shared_lengths, head, transform), attention
+
+
+def _checked_packing(
+    packed: tuple[dict[str, torch.Tensor], torch.Tensor],
+    implementation: str,
+    backbone: torch.nn.Module,
+    rows: list[TokenizedRow],
+    head: torch.nn.Module,
+    transform: LogitTransform,
+    device: torch.device,
+) -> tuple[str | None, Any]:
+    """Check a model's first packed batch against the KV-cache path: `(implementation or None, sums to use)`.
+
+    A model whose attention does not honour the packed mask (an architecture that builds its own) gives other
+    log-probs; it then keeps the KV-cache path, and this batch takes its sums.
+    """
+    shared = _shared_prompt_sums(backbone, rows, head, transform, device, None, None)
+    if shared is _NOT_SHAREABLE_MODEL or shared is None:
+        return None, shared
+    tokens = packed[1].sum().clamp(min=1)
+    difference = (packed[0]["logps"] - shared[0]["logps"]).abs().sum() / tokens
+    dtype = next(backbone.parameters()).dtype
+    half = torch.is_autocast_enabled(device.type) or dtype not in _PACKING_TOLERANCE
+    tolerance = _HALF_PRECISION_TOLERANCE if half else _PACKING_TOLERANCE[dtype]
+    return (implementation, packed) if difference <= tolerance else (None, shared)
 
 
 def _shared_prompt_sums(

@@ -1,11 +1,15 @@
-"""Prompt sharing: each row's prompt runs once and both completions continue from its KV cache.
+"""Prompt sharing: each row's prompt runs once, with both completions packed after it in one sequence
+(`pytest_dpo.packing`), or continuing from its KV cache.
 
 Same numbers as the two-sequence path (TRL's), less backbone work; models
 whose cache is not a plain `DynamicCache` and truncated rows take the
-two-sequence path.
+two-sequence path, and a model whose attention does not honour the packed
+mask keeps the KV-cache path.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
@@ -88,13 +92,51 @@ def backbone_batch_sizes(model: torch.nn.Module, tokenized: TokenizedEvalSet, sh
     return sizes
 
 
-def test_prompts_run_once_per_row_when_shared() -> None:
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(FULL_RUN / "checkpoint-6"), dtype=torch.float32)
+def fixture_model(attention: str = "sdpa") -> tuple[torch.nn.Module, TokenizedEvalSet]:
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(FULL_RUN / "checkpoint-6"), dtype=torch.float32, attn_implementation=attention
+    )
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(BASE))
-    tokenized = tokenize_eval_set(load_eval_set(EVAL_STANDARD), tokenizer, 1024, "keep_start")
-    # Shared: a 4-row prompt pass, then the 8 completions from its cache; separate: 8 whole sequences.
-    assert backbone_batch_sizes(model, tokenized, share_prompt=True) == [4, 8] * 6
+    return model, tokenize_eval_set(load_eval_set(EVAL_STANDARD), tokenizer, 1024, "keep_start")
+
+
+def test_prompts_run_once_per_row_when_shared() -> None:
+    model, tokenized = fixture_model()
+    # Packed: one sequence per row (the first batch is also checked against a 4-row prompt pass and its 8
+    # completions from the KV cache); separate: 8 whole sequences.
+    assert backbone_batch_sizes(model, tokenized, share_prompt=True) == [4, 4, 8] + [4] * 5
     assert backbone_batch_sizes(model, tokenized, share_prompt=False) == [8] * 6
+
+
+def scores_equal(left: object, right: object) -> None:
+    for name in ("chosen_logps", "rejected_logps", "chosen_entropy_sum", "rejected_shared_logps", "chosen_log_sum_sq_probs"):
+        difference = (getattr(left, name) - getattr(right, name)).abs().max().item()
+        assert difference <= LOGPS_TOLERANCE, f"{name} differs by {difference:.3g}"
+    for name in COUNTS:
+        assert torch.equal(getattr(left, name), getattr(right, name)), name
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_packed_rows_give_the_two_sequence_numbers_with_either_attention(attention: str) -> None:
+    model, tokenized = fixture_model(attention)
+    kwargs = {"batch_size": 4, "max_length": 1024, "truncation_mode": "keep_start"}
+    scores_equal(score(model, tokenized, share_prompt=True, **kwargs), score(model, tokenized, share_prompt=False, **kwargs))
+
+
+def test_a_model_that_ignores_the_packed_mask_keeps_the_kv_cache_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An architecture that builds its own mask sees the other completion: the first batch's check notices."""
+    from pytest_dpo import packing
+
+    plain_causal = packing.PackedBatch.attention_mask
+
+    def causal_only(self: packing.PackedBatch, implementation: str, dtype: torch.dtype) -> torch.Tensor:
+        return plain_causal(dataclasses.replace(self, segments=torch.zeros_like(self.segments)), implementation, dtype)
+
+    monkeypatch.setattr(packing.PackedBatch, "attention_mask", causal_only)
+    model, tokenized = fixture_model()
+    assert backbone_batch_sizes(model, tokenized, share_prompt=True) == [4, 4, 8] + [4, 8] * 5
+    kwargs = {"batch_size": 4, "max_length": 1024, "truncation_mode": "keep_start"}
+    scores_equal(score(model, tokenized, share_prompt=True, **kwargs), score(model, tokenized, share_prompt=False, **kwargs))
 
 
 def test_sliding_window_models_fall_back_and_keep_their_numbers() -> None:
