@@ -124,8 +124,9 @@ def evaluate(
             scores here, keyed by weights fingerprint and the exact token ids, and
             reuse them instead of running the model again.
         share_prompt (`bool`, *optional*, defaults to True): run each row's
-            prompt once and score both completions from its KV cache (same
-            numbers up to float rounding; False runs the prompt twice, as TRL).
+            prompt once, with both completions packed after it in one sequence
+            or continuing from its KV cache (same numbers up to float rounding;
+            False runs the prompt twice, as TRL).
         allow_pickle (`bool`, *optional*, defaults to False): also load weights
             stored only as pickle (`pytorch_model.bin`, `adapter_model.bin`),
             which can run arbitrary code when loaded; only for trusted checkpoints.

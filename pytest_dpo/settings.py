@@ -225,8 +225,9 @@ class DPOSettings:
     share_prompt: bool = setting(
         True,
         _flag,
-        "run each row's prompt once and score both completions from its KV cache (true); false runs "
-        "prompt + completion twice, as TRL does. Same numbers up to float rounding.",
+        "run each row's prompt once, with both completions packed after it in one sequence or continuing "
+        "from its KV cache (true); false runs prompt + completion twice, as TRL does. Same numbers up to "
+        "float rounding.",
     )
     allow_pickle: bool = setting(
         False,
