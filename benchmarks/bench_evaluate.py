@@ -232,11 +232,7 @@ def make_eval_rows(count: int, tokenizer: Any) -> list[dict[str, str]]:
     drawn from SEQUENCE_TOKENS, the prompt 20-60% of it; prompt + rejected
     gets a length near that one.
     """
-    rng = random.Random(DATA_SEED)
-    triples = source_triples()
-    sentences = [text.strip() for _, chosen, rejected in triples for text in (chosen, rejected) if text.strip()]
-    shots = [f"{prompt}{chosen}" for prompt, chosen, _ in triples]
-    length = functools.partial(_token_count, tokenizer)
+    rng, triples, sentences, shots, length = _growing(tokenizer)
     rows = []
     for _ in range(count):
         prompt, chosen, rejected = rng.choice(triples)
@@ -254,6 +250,34 @@ def make_eval_rows(count: int, tokenizer: Any) -> list[dict[str, str]]:
                 ),
             }
         )
+    return rows
+
+
+def _growing(tokenizer: Any) -> tuple[random.Random, list[tuple[str, str, str]], list[str], list[str], Any]:
+    """What eval rows are grown from: a seeded rng, the fixture rows, their sentences, their few-shot texts, and a
+    token counter."""
+    triples = source_triples()
+    sentences = [text.strip() for _, chosen, rejected in triples for text in (chosen, rejected) if text.strip()]
+    shots = [f"{prompt}{chosen}" for prompt, chosen, _ in triples]
+    return random.Random(DATA_SEED), triples, sentences, shots, functools.partial(_token_count, tokenizer)
+
+
+def rows_of_lengths(
+    count: int, tokenizer: Any, prompt_tokens: tuple[int, int], completion_tokens: tuple[int, int]
+) -> list[dict[str, str]]:
+    """`count` standard rows grown from the fixture rows: a prompt of `prompt_tokens` (few-shot context before the
+    question), each completion `completion_tokens` after it (EOS included), lengths drawn per row with a fixed seed."""
+    rng, triples, sentences, shots, length = _growing(tokenizer)
+    rows = []
+    for _ in range(count):
+        prompt, chosen, rejected = rng.choice(triples)
+        prompt = _grow(prompt, shots, rng.randint(*prompt_tokens), rng, length, before=True)
+        prompt_length = length(prompt)
+        row = {"prompt": prompt}
+        for side, text in (("chosen", chosen), ("rejected", rejected)):
+            target = prompt_length + rng.randint(*completion_tokens)
+            row[side] = _grow(text, sentences, target, rng, length, before=False, start=prompt)
+        rows.append(row)
     return rows
 
 
