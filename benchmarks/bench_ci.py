@@ -50,6 +50,7 @@ import bench_evaluate as shared  # noqa: E402  (sets the offline environment, pu
 import torch  # noqa: E402
 
 from pytest_dpo.evalset import load_eval_set  # noqa: E402
+from pytest_dpo.packing import packed_length  # noqa: E402
 from pytest_dpo.scoring import _batches_by_length, _right_padded, sequence_pair  # noqa: E402
 from pytest_dpo.tokenization import TokenizedRow, tokenize_eval_set  # noqa: E402
 
@@ -194,7 +195,7 @@ def with_tokens(shape: Shape, base: Path, checkpoints: list[Path], eval_file: Pa
     positions = {
         "tokens (prompts once)": sum(len(row.prompt_ids) + len(row.chosen_ids) + len(row.rejected_ids) for row in rows),
         "lower bound": sum(batch["ids"].numel() for part in batches.values() for batch in part),
-        "pytest-dpo": shared_prompt_positions(rows),
+        "pytest-dpo": packed_positions(rows),
         "TRL": shared.padded_tokens(tokenized, sort=False),
     }
     return Workload(shape, base, checkpoints, eval_file, tokens_file, parameters, lengths, positions)
@@ -243,16 +244,18 @@ def _padded(indices: Mapping[str, Sequence[int]], sequences: list[list[int]]) ->
     return {"ids": ids, "mask": mask, **{name: torch.tensor(values) for name, values in indices.items()}}
 
 
-def shared_prompt_positions(rows: Sequence[TokenizedRow]) -> int:
-    """Positions pytest-dpo's backbone runs over: per length-sorted batch, the prompts padded to the longest, then
-    both completions of each row padded to the longest completion."""
+def packed_positions(rows: Sequence[TokenizedRow]) -> int:
+    """Positions pytest-dpo's backbone runs over: per batch of rows sorted by packed length, each row's prompt and
+    both completions packed and padded to the batch's longest; plus the first batch once more on the KV-cache
+    path (prompts padded to the longest, then both completions of each row to the longest completion), the check
+    each model's packing gets."""
     pairs = [sequence_pair(row, SETTINGS.max_length, SETTINGS.truncation_mode) for row in rows]
-    total = 0
-    for batch in _batches_by_length(pairs, SETTINGS.batch_size):
-        prompts = max(len(rows[i].prompt_ids) for i in batch)
-        completions = max(len(ids) for i in batch for ids in (rows[i].chosen_ids, rows[i].rejected_ids))
-        total += len(batch) * (prompts + 2 * completions)
-    return total
+    batches = list(_batches_by_length(pairs, SETTINGS.batch_size, list(rows)))
+    packed = sum(len(batch) * max(packed_length(rows[i]) for i in batch) for batch in batches)
+    first = batches[0]
+    prompts = max(len(rows[i].prompt_ids) for i in first)
+    completions = max(len(ids) for i in first for ids in (rows[i].chosen_ids, rows[i].rejected_ids))
+    return packed + len(first) * (prompts + 2 * completions)
 
 
 def warmup_workload(workload: Workload) -> Workload:

@@ -42,12 +42,13 @@ def test_bound_batches_cover_every_token_once_sorted_by_length(
             assert ids[mask.bool()].tolist() == (rows()[r].rejected_ids if s else rows()[r].chosen_ids)
 
 
-def test_shared_prompt_positions_pad_prompts_and_completions_per_batch(
+def test_packed_positions_pad_each_batch_to_its_longest_row_and_count_the_check(
     bench: ModuleType, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(bench, "SETTINGS", bench.SETTINGS.__class__(batch_size=3))
-    # One batch of 3 rows: prompts padded to 3, six completions padded to 4.
-    assert bench.shared_prompt_positions(rows()) == 3 * (3 + 2 * 4)
+    packed = 3 * max(len(row.prompt_ids) + len(row.chosen_ids) + len(row.rejected_ids) for row in rows())
+    # The check batch: prompts padded to 3, six completions padded to 4.
+    assert bench.packed_positions(rows()) == packed + 3 * (3 + 2 * 4)
 
 
 def metrics(loss: float, chosen: float) -> dict[str, float]:
