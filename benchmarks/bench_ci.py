@@ -50,6 +50,7 @@ import bench_evaluate as shared  # noqa: E402  (sets the offline environment, pu
 import torch  # noqa: E402
 
 from pytest_dpo.evalset import load_eval_set  # noqa: E402
+from pytest_dpo.metric_table import PER_EXAMPLE_METRICS  # noqa: E402
 from pytest_dpo.packing import packed_length  # noqa: E402
 from pytest_dpo.scoring import _batches_by_length, _right_padded, sequence_pair  # noqa: E402
 from pytest_dpo.tokenization import TokenizedRow, tokenize_eval_set  # noqa: E402
@@ -66,15 +67,8 @@ BUSY_CORES = 0.2
 PARITY_RELATIVE = 1e-4
 PARITY_FLOOR = 0.1
 TIE_MARGIN = shared.TIE_MARGIN
-PARITY_METRICS = (
-    "loss",
-    "rewards/chosen",
-    "rewards/rejected",
-    "rewards/margins",
-    "rewards/accuracies",
-    "logps/chosen",
-    "logps/rejected",
-)
+# The metrics that are means of per-example arrays, which both contestants report alike (TRL per batch is replayed).
+PARITY_METRICS = PER_EXAMPLE_METRICS
 # Elements of the lower bound's reused logits buffer (128 MiB fp32): ~220 tokens per chunk with Qwen2's vocab.
 BOUND_HEAD_ELEMENTS = 1 << 25
 PROBE_MODULE = "bench_ci_probe"

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .evalset import HUB_PREFIX
-from .settings import SETTINGS_BY_NAME
+from .settings import SETTINGS_BY_NAME, DPOSettings, SettingsError
 
 DEFAULT_EVAL_SET = "default"
 # The settings an eval set may set for itself: they decide its tokens, so they belong to the set.
@@ -132,8 +132,6 @@ def parse_eval_set_options(lines: Sequence[str], where: str) -> dict[str, dict[s
 
 
 def _check_value(key: str, text: str, where: str) -> None:
-    from .settings import DPOSettings, SettingsError
-
     try:
         DPOSettings.from_text({key: text})
     except SettingsError as error:
