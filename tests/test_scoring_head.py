@@ -15,6 +15,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 import transformers
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pytest_dpo import scoring
 from pytest_dpo.results import SequenceScores
@@ -145,3 +147,27 @@ def test_token_accuracy_gives_a_tie_to_the_lowest_token_id(share_prompt: bool) -
     trl = trl_sums(model, rows, None, "keep_start")
     assert_same_sums(ours, trl)
     assert 0 < ours.chosen_top1.sum().item() < ours.chosen_scored_tokens.sum().item()
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    logits=st.lists(st.lists(st.integers(-2, 2), min_size=5, max_size=5), min_size=1, max_size=6),
+    data=st.data(),
+)
+def test_top1_hits_from_amax_are_the_argmax_hits(logits: list[list[int]], data: st.DataObject) -> None:
+    """The CPU path (`amax`, then a tie check on rows whose target sits at the maximum) counts exactly the rows
+    whose target is the first argmax; small integer logits make ties common."""
+    values = torch.tensor(logits, dtype=torch.float32)
+    targets = torch.tensor(data.draw(st.lists(st.integers(0, 4), min_size=len(logits), max_size=len(logits))))
+    target_logits = values.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    hits = scoring._top1_hits(values, targets, target_logits, values.amax(dim=-1))
+    assert hits.tolist() == (values.argmax(dim=-1) == targets).long().tolist()
+
+
+@settings(max_examples=50, deadline=None)
+@given(rows=st.integers(1, 5), width=st.integers(1, 300), seed=st.integers(0, 2**16))
+def test_row_dots_are_the_batched_matmul(rows: int, width: int, seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    left, right = torch.randn(rows, width, generator=generator), torch.randn(rows, width, generator=generator)
+    expected = torch.bmm(left.unsqueeze(1), right.unsqueeze(2)).view(-1)
+    torch.testing.assert_close(scoring._row_dots(left, right), expected, rtol=1e-5, atol=1e-5)
