@@ -52,7 +52,7 @@ import torch  # noqa: E402
 from pytest_dpo.evalset import load_eval_set  # noqa: E402
 from pytest_dpo.metric_table import PER_EXAMPLE_METRICS  # noqa: E402
 from pytest_dpo.packing import packed_length  # noqa: E402
-from pytest_dpo.scoring import _batches_by_length, _right_padded, sequence_pair  # noqa: E402
+from pytest_dpo.scoring import PACKING_CHECK_ROWS, _batches_by_length, _right_padded, sequence_pair  # noqa: E402
 from pytest_dpo.tokenization import TokenizedRow, tokenize_eval_set  # noqa: E402
 
 SETTINGS = shared.SETTINGS
@@ -72,6 +72,8 @@ PARITY_METRICS = PER_EXAMPLE_METRICS
 # Elements of the lower bound's reused logits buffer (128 MiB fp32): ~220 tokens per chunk with Qwen2's vocab.
 BOUND_HEAD_ELEMENTS = 1 << 25
 PROBE_MODULE = "bench_ci_probe"
+# pytest plugins of our dev dependencies, absent where a team installs pytest-dpo (see `contestant_env`).
+DEV_ONLY_PLUGINS = "-p no:hypothesispytest"
 SCORE_CACHE_LINE = re.compile(r"score cache: (\d+) hits?, (\d+) miss")
 
 
@@ -240,13 +242,13 @@ def _padded(indices: Mapping[str, Sequence[int]], sequences: list[list[int]]) ->
 
 def packed_positions(rows: Sequence[TokenizedRow]) -> int:
     """Positions pytest-dpo's backbone runs over: per batch of rows sorted by packed length, each row's prompt and
-    both completions packed and padded to the batch's longest; plus the first batch once more on the KV-cache
-    path (prompts padded to the longest, then both completions of each row to the longest completion), the check
-    each model's packing gets."""
+    both completions packed and padded to the batch's longest; plus the first batch's `PACKING_CHECK_ROWS`
+    shortest rows once more on the KV-cache path (prompts padded to the longest, then both completions of each
+    row to the longest completion), the check each model's packing gets."""
     pairs = [sequence_pair(row, SETTINGS.max_length, SETTINGS.truncation_mode) for row in rows]
     batches = list(_batches_by_length(pairs, SETTINGS.batch_size, list(rows)))
     packed = sum(len(batch) * max(packed_length(rows[i]) for i in batch) for batch in batches)
-    first = batches[0]
+    first = batches[0][-PACKING_CHECK_ROWS:]
     prompts = max(len(rows[i].prompt_ids) for i in first)
     completions = max(len(ids) for i in first for ids in (rows[i].chosen_ids, rows[i].rejected_ids))
     return packed + len(first) * (prompts + 2 * completions)
@@ -573,10 +575,14 @@ with open(record, "w") as out:
 def contestant_env(workdir: Path, threads: int | None) -> dict[str, str]:
     """The environment every contestant runs in: offline, bytecode cached (under the workdir, as an installed
     package has it) even where PYTHONDONTWRITEBYTECODE is set, no PYTEST_ADDOPTS or PYTHONPATH from the caller,
-    and `threads` intra-op threads where given (torch's default: one per core)."""
+    and `threads` intra-op threads where given (torch's default: one per core).
+
+    pytest runs without hypothesis's plugin, as in a team's environment after `pip install pytest-dpo` (hypothesis
+    is only our dev dependency): in the benchmark's dev environment that plugin imports all of hypothesis at the
+    end of every pytest run (~0.65 s here), which no user of pytest-dpo pays on its account."""
     dropped = ("PYTEST_ADDOPTS", "PYTHONDONTWRITEBYTECODE", "PYTHONPATH", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
     env = {key: value for key, value in os.environ.items() if key not in dropped}
-    env |= {"HF_HUB_OFFLINE": "1", "PYTHONPYCACHEPREFIX": str(workdir / "pycache")}
+    env |= {"HF_HUB_OFFLINE": "1", "PYTHONPYCACHEPREFIX": str(workdir / "pycache"), "PYTEST_ADDOPTS": DEV_ONLY_PLUGINS}
     return env | ({} if threads is None else {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)})
 
 

@@ -216,11 +216,11 @@ def refuse_missing_weights(path: Path, *, adapter: bool) -> None:
 
 def _model_card_base_model(path: Path) -> str | None:
     """The `base_model` of the TRL model card in the folder or, for `checkpoint-N`, in the run folder."""
-    from huggingface_hub.repocard import metadata_load
-
     for folder in (path, path.parent):
         card = folder / "README.md"
         if card.exists():
+            from huggingface_hub.repocard import metadata_load  # ~0.1 s: only where there is a card
+
             base = (metadata_load(card) or {}).get("base_model")
             if isinstance(base, list):
                 base = base[0] if base else None

@@ -29,6 +29,7 @@ from .loading import (
     load_policy,
     load_reference,
     load_tokenizer,
+    weight_bytes,
 )
 from .lock import tokenizer_fingerprint
 from .metrics import aggregate, build_per_example
@@ -340,14 +341,16 @@ class CheckpointEvaluation:
             if "reference" in roles:
                 with model.disable_adapter():
                     done["reference"] = use("reference", model)
+            dropped = weight_bytes(model)
             del model
-            free_memory()
+            free_memory(dropped)
             return done
         for role in roles:
             model = self.load(role)
             done[role] = use(role, model)
+            dropped = weight_bytes(model)
             del model
-            free_memory()
+            free_memory(dropped)
         return done
 
     def rows_at(self, positions: list[int]) -> TokenizedEvalSet:

@@ -138,13 +138,35 @@ def autocast_dtype(dtype: str | None) -> torch.dtype | None:
     return getattr(torch, dtype.removeprefix(AUTOCAST_PREFIX))
 
 
-def free_memory() -> None:
-    """Return freed models' memory before the next one is loaded (a 7B model is never held twice)."""
+# A transformers model sits in reference cycles: only a garbage collection frees a dropped one. A full
+# `gc.collect()` costs ~0.15 s once transformers is loaded (more than a small model's load), so dropped models
+# are collected once their weights add up to this; a 7B model is still never held twice.
+COLLECT_AT_BYTES = 512 << 20
+_uncollected_bytes = 0
+
+
+def weight_bytes(model: Any) -> int:
+    """The bytes of a model's parameters and buffers."""
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+
+
+def free_memory(dropped_bytes: int | None = None) -> None:
+    """Return dropped models' memory before the next one is loaded.
+
+    Args:
+        dropped_bytes (`int`, *optional*): the weights of the model just dropped; while the dropped models'
+            weights stay under `COLLECT_AT_BYTES` they are left to Python's own collections. None: collect now.
+    """
     import gc
 
     import torch
 
+    global _uncollected_bytes
+    _uncollected_bytes += dropped_bytes or 0
+    if dropped_bytes is not None and _uncollected_bytes < COLLECT_AT_BYTES:
+        return
     gc.collect()
+    _uncollected_bytes = 0
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 

@@ -277,6 +277,8 @@ _NOT_SHAREABLE_MODEL = object()
 # for the model: rounding stays far below, a mask the model does not honour is far above.
 _PACKING_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-8}
 _HALF_PRECISION_TOLERANCE = 5e-2
+# Rows of a model's first packed batch run again on the KV-cache path to check the packed mask.
+PACKING_CHECK_ROWS = 2
 
 
 def _packing_implementation(config: Any) -> str | None:
@@ -331,17 +333,22 @@ def _checked_packing(
     """Check a model's first packed batch against the KV-cache path: `(implementation or None, sums to use)`.
 
     A model whose attention does not honour the packed mask (an architecture that builds its own) gives other
-    log-probs; it then keeps the KV-cache path, and this batch takes its sums.
+    log-probs for every row; comparing the batch's `PACKING_CHECK_ROWS` shortest rows shows it at a small cost.
+    Such a model keeps the KV-cache path, and this batch takes that path's sums.
     """
-    shared = _shared_prompt_sums(backbone, rows, head, transform, device, None, None)
+    checked = rows[-PACKING_CHECK_ROWS:]
+    shared = _shared_prompt_sums(backbone, checked, head, transform, device, None, None)
     if shared is _NOT_SHAREABLE_MODEL or shared is None:
         return None, shared
-    tokens = packed[1].sum().clamp(min=1)
-    difference = (packed[0]["logps"] - shared[0]["logps"]).abs().sum() / tokens
+    sequences = slice(-2 * len(checked), None)  # interleaved chosen, rejected of each row
+    tokens = packed[1][sequences].sum().clamp(min=1)
+    difference = (packed[0]["logps"][sequences] - shared[0]["logps"]).abs().sum() / tokens
     dtype = next(backbone.parameters()).dtype
     half = torch.is_autocast_enabled(device.type) or dtype not in _PACKING_TOLERANCE
     tolerance = _HALF_PRECISION_TOLERANCE if half else _PACKING_TOLERANCE[dtype]
-    return (implementation, packed) if difference <= tolerance else (None, shared)
+    if difference <= tolerance:
+        return implementation, packed
+    return None, _shared_prompt_sums(backbone, rows, head, transform, device, None, None)
 
 
 def _shared_prompt_sums(

@@ -47,8 +47,8 @@ def test_packed_positions_pad_each_batch_to_its_longest_row_and_count_the_check(
 ) -> None:
     monkeypatch.setattr(bench, "SETTINGS", bench.SETTINGS.__class__(batch_size=3))
     packed = 3 * max(len(row.prompt_ids) + len(row.chosen_ids) + len(row.rejected_ids) for row in rows())
-    # The check batch: prompts padded to 3, six completions padded to 4.
-    assert bench.packed_positions(rows()) == packed + 3 * (3 + 2 * 4)
+    # The check: the first batch's two shortest rows (0 and 2), prompts padded to 3, four completions to 3.
+    assert bench.packed_positions(rows()) == packed + 2 * (3 + 2 * 3)
 
 
 def metrics(loss: float, chosen: float) -> dict[str, float]:

@@ -164,3 +164,37 @@ def test_cpu_defaults_to_float32() -> None:
     assert choose_device("cpu") == "cpu"
     assert choose_dtype(None, "cpu") is torch.float32
     assert choose_dtype("bfloat16", "cpu") is torch.bfloat16
+
+
+def test_dropped_models_are_collected_once_their_weights_add_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full collection per small model costs more than the memory it returns; a large one is collected at once."""
+    import gc
+
+    from pytest_dpo import loading
+
+    collections: list[int] = []
+    monkeypatch.setattr(gc, "collect", lambda *args: collections.append(1) or 0)
+    monkeypatch.setattr(loading, "_uncollected_bytes", 0)
+    monkeypatch.setattr(loading, "COLLECT_AT_BYTES", 100)
+    loading.free_memory(60)
+    assert collections == []
+    loading.free_memory(60)
+    assert len(collections) == 1
+    loading.free_memory(10)
+    assert len(collections) == 1
+    loading.free_memory(500)
+    assert len(collections) == 2
+    loading.free_memory()  # a released model: always at once
+    assert len(collections) == 3
+
+
+def test_weight_bytes_count_parameters_and_buffers_once() -> None:
+    import torch
+
+    from pytest_dpo.loading import weight_bytes
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    model.append(model[0])  # the same weights twice count once
+    parameters = 4 * (4 * 3 + 3 + 3 + 3)  # float32: linear weight and bias, batch norm weight and bias
+    buffers = 4 * (3 + 3) + 8  # float32 running mean and variance, int64 batches tracked
+    assert weight_bytes(model) == parameters + buffers
