@@ -52,7 +52,12 @@ import torch  # noqa: E402
 from pytest_dpo.evalset import load_eval_set  # noqa: E402
 from pytest_dpo.metric_table import PER_EXAMPLE_METRICS  # noqa: E402
 from pytest_dpo.packing import packed_length  # noqa: E402
-from pytest_dpo.scoring import PACKING_CHECK_ROWS, _batches_by_length, _right_padded, sequence_pair  # noqa: E402
+from pytest_dpo.scoring import (  # noqa: E402
+    PACKING_CHECK_ROWS,
+    _batches_by_length,
+    _right_padded,
+    sequence_pair,
+)
 from pytest_dpo.tokenization import TokenizedRow, tokenize_eval_set  # noqa: E402
 
 SETTINGS = shared.SETTINGS

@@ -672,11 +672,11 @@ def recording_logits(record: dict[str, int]) -> Iterator[None]:
     original = scoring._completion_sums
 
     def recording_sums(
-        hidden: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, shared_lengths: torch.Tensor, head: Any, transform: Any
+        hidden: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, shared_lengths: torch.Tensor, head: scoring.Head
     ) -> Any:
-        full = hidden.shape[0] * (hidden.shape[1] + 1) * head.weight.shape[0]  # the model's logits cover every position
+        full = hidden.shape[0] * (hidden.shape[1] + 1) * head.module.weight.shape[0]  # the model's logits cover every position
         record["full_elements"] = max(record.get("full_elements", 0), full)
-        return original(hidden, labels, mask, shared_lengths, RecordingHead(head, record), transform)
+        return original(hidden, labels, mask, shared_lengths, dataclasses.replace(head, module=RecordingHead(head.module, record)))
 
     with patched(scoring, "_completion_sums", recording_sums):
         yield

@@ -8,7 +8,10 @@ the tokenizer, the chat template or `max_length` is a different key). DPO's
 `router_aux_loss_coef` only enter later, in `metrics.py`, so the cached
 scores serve all of them: an entry holds the sums they are computed from
 (LD-DPO's shared-length sums depend on each row pair's lengths, which the
-token ids in the key fix).
+token ids in the key fix). The one exception is WPO's log sum p^2, a pass
+over the vocabulary computed only for a policy evaluated with
+`use_weighting`: an entry without it is a miss for such a run, which scores
+the model again and stores the entry with it.
 
 The tokenized eval set is kept too (`tokenization_key`: eval-set content,
 tokenizer files, transformers' version, truncation), so a run whose scores
@@ -23,16 +26,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from .atomic import write_atomic, write_atomic_with
-from .results import ROUTER_FIELDS, SequenceScores
+from .results import ROUTER_FIELDS, WPO_FIELDS, SequenceScores
 from .tokenization import TokenizedEvalSet, TokenizedRow
 
 # 2: entries hold the log sum p^2 and LD-DPO shared-length sums, and top-1 hits break ties as TRL does.
 # 3: entries of mixture-of-experts models hold their router sums (a format-2 entry of one would lack them).
+#    Since: log sum p^2 only where it was asked for (a format-3 entry that has it is read as before).
 CACHE_FORMAT = 3
 
 
@@ -79,10 +84,11 @@ class ScoreCache:
         self.stats = CacheStats()
         self._memory: dict[str, SequenceScores] = {}
 
-    def get(self, key: str, rows: int) -> SequenceScores | None:
-        """The cached scores of `rows` rows under `key`, or None (a miss)."""
+    def get(self, key: str, rows: int, required: Sequence[str] = ()) -> SequenceScores | None:
+        """The cached scores of `rows` rows under `key`, or None (a miss): also when an entry lacks one of the
+        optional fields `required` (`results.WPO_FIELDS` for a policy evaluated with `use_weighting`)."""
         scores = self._memory.get(key) or self._read(key, rows)
-        if scores is None:
+        if scores is None or any(getattr(scores, name) is None for name in required):
             self.stats.misses += 1
             return None
         self._memory[key] = scores
@@ -158,9 +164,10 @@ def _load(path: Path) -> SequenceScores:
         if handle.metadata().get("format") != str(CACHE_FORMAT):
             raise ValueError("other cache format")
         stored = set(handle.keys())
-        if stored & set(ROUTER_FIELDS) not in (set(), set(ROUTER_FIELDS)):
-            raise ValueError("some router sums missing")
+        for optional in (ROUTER_FIELDS, WPO_FIELDS):
+            if stored & set(optional) not in (set(), set(optional)):
+                raise ValueError(f"some of {optional} missing")
         # Every other field must be there: `get_tensor` raises for a missing one.
-        names = [f.name for f in fields(SequenceScores) if f.name in stored or f.name not in ROUTER_FIELDS]
+        names = [f.name for f in fields(SequenceScores) if f.name in stored or f.name not in ROUTER_FIELDS + WPO_FIELDS]
         values: dict[str, Any] = {name: handle.get_tensor(name) for name in names}
     return SequenceScores(**values)

@@ -35,7 +35,7 @@ from .lock import tokenizer_fingerprint
 from .metrics import aggregate, build_per_example
 from .moe import enabled_aux_loss, refuse_coef_without_router
 from .references import reference_fingerprint, resolve_reference, tokenizer_folder
-from .results import EvalResult, Sample, SequenceScores
+from .results import WPO_FIELDS, EvalResult, Sample, SequenceScores
 from .run_settings import ARGUMENT, FROM_RUN, FromRun, resolve_settings
 from .samples import GenerationSettings, generate_completions, pair_samples
 from .scoring import score
@@ -297,7 +297,10 @@ class CheckpointEvaluation:
             "reference": cache_key(reference_fingerprint(self.reference), self.precision, self.device, tokens),
         }
         cache = self.cache
-        cached = {role: cache.get(key, len(tokenized.rows)) if cache else None for role, key in keys.items()}
+        cached = {
+            role: cache.get(key, len(tokenized.rows), WPO_FIELDS if self._sums_sq_probs(role) else ()) if cache else None
+            for role, key in keys.items()
+        }
         if self.world is not None:
             cached = self.world.on_main(lambda: cached)
         return keys, cached
@@ -361,7 +364,13 @@ class CheckpointEvaluation:
     def _load(self, loader: Callable[..., Any], source: Any) -> Any:
         return loader(source, device=self.device, dtype=self.dtype, options=self.options)
 
-    def _score(self, model: Any, tokenized: TokenizedEvalSet, on_batch: Callable[[int], None] | None) -> SequenceScores:
+    def _sums_sq_probs(self, role: str) -> bool:
+        """Whether `role`'s scores need WPO's log sum p^2: the policy's, with `use_weighting`."""
+        return role == "policy" and self.settings.use_weighting
+
+    def _score(
+        self, model: Any, role: str, tokenized: TokenizedEvalSet, on_batch: Callable[[int], None] | None
+    ) -> SequenceScores:
         settings = self.settings
         autocast = autocast_dtype(settings.dtype)
         device_type = torch.device(self.device).type
@@ -374,6 +383,7 @@ class CheckpointEvaluation:
                 truncation_mode=settings.truncation_mode,
                 share_prompt=settings.share_prompt,
                 on_batch=on_batch,
+                sum_sq_probs=self._sums_sq_probs(role),
             )
 
     def _result(self, scores: dict[str, SequenceScores]) -> EvalResult:
@@ -416,7 +426,7 @@ def score_together(evaluations: Sequence[CheckpointEvaluation], progress: bool =
         def use(role: str, model: Any) -> dict[int, SequenceScores]:
             on_batch = bar.update if bar is not None else None
             return {
-                index: evaluations[index]._score(model, evaluations[index].rows_at(positions[index]), on_batch)
+                index: evaluations[index]._score(model, role, evaluations[index].rows_at(positions[index]), on_batch)
                 for index, wanted in jobs
                 if wanted == role
             }

@@ -46,11 +46,13 @@ class SequenceScores(TokenStatistics):
     the token counts and sums are `TokenStatistics`'.
 
     `*_log_sum_sq_probs` sum `log sum_v p_v^2` of each scored token's
-    next-token distribution (WPO's weights). `*_shared_logps` sum the
+    next-token distribution (WPO's weights, read from the policy's scores
+    only): None where `scoring.score` was told to skip them (a reference, a
+    policy evaluated without `use_weighting`). `*_shared_logps` sum the
     log-probs of the first K scored completion tokens, K the smaller of the
-    row's two scored-token counts (LD-DPO's shared part). Both are filled by
-    `scoring.score`; they are None only in hand-built scores, which then
-    cannot be evaluated with `use_weighting` or `ld_alpha`.
+    row's two scored-token counts (LD-DPO's shared part), always filled by
+    `scoring.score`. Scores without them cannot be evaluated with
+    `use_weighting` or `ld_alpha`.
 
     The `router_*` sums are a mixture-of-experts model's routing over every
     real token (prompt included) of the row's chosen and rejected sequences,
@@ -77,6 +79,8 @@ class SequenceScores(TokenStatistics):
 
 # The `SequenceScores` fields only a model with router logits has: all of them, or none.
 ROUTER_FIELDS = ("router_expert_counts", "router_prob_sums", "router_tokens")
+# The `SequenceScores` fields WPO's weights need, computed only when asked for: both of them, or neither.
+WPO_FIELDS = ("chosen_log_sum_sq_probs", "rejected_log_sum_sq_probs")
 
 
 @dataclass(frozen=True)

@@ -84,6 +84,30 @@ class LogitTransform:
         return raw_logits
 
 
+@dataclass(frozen=True)
+class Head:
+    """The LM head as scoring reduces it: the module, its family's logit scaling, and whether each token's
+    log sum p^2 is summed too (WPO's weights need it for the policy only; it costs a pass over the vocabulary)."""
+
+    module: torch.nn.Module
+    transform: LogitTransform
+    sum_sq_probs: bool = True
+
+    @functools.cached_property
+    def logit_sum_weights(self) -> torch.Tensor | None:
+        """For a plain fp32 `Linear` head whose logits are only scaled: the sum of its weight rows times the
+        scale, so a token's sum of logits is one dot product with its hidden state (a pass over the vocabulary
+        less per token). None for other heads and for soft-capped logits."""
+        if not _plain_fp32_head(self.module) or self.transform.softcap is not None:
+            return None
+        return self.module.weight.sum(dim=0) * self.transform.logit_scale
+
+    @property
+    def sum_names(self) -> tuple[str, ...]:
+        """The float per-sequence sums it is reduced to: `_SUM_NAMES`, less log sum p^2 without `sum_sq_probs`."""
+        return _SUM_NAMES if self.sum_sq_probs else tuple(name for name in _SUM_NAMES if name != "log_sum_sq_probs")
+
+
 def sequence_pair(row: TokenizedRow, max_length: int | None, truncation_mode: str) -> tuple[list[int], list[int], list[int], list[int]]:
     """Token ids and completion masks of a row's chosen and rejected sequences, truncated as TRL's collator does."""
     chosen = row.prompt_ids + row.chosen_ids
@@ -110,6 +134,7 @@ def score(
     truncation_mode: str,
     on_batch: Callable[[int], None] | None = None,
     share_prompt: bool = True,
+    sum_sq_probs: bool = True,
 ) -> SequenceScores:
     """Score every row's chosen and rejected completion with `model`.
 
@@ -127,12 +152,13 @@ def score(
         on_batch: called with the number of rows after each batch (progress).
         share_prompt: run each row's prompt once and continue both completions
             from its KV cache, where the model and the row allow it.
+        sum_sq_probs: also sum each token's log sum p^2 (`*_log_sum_sq_probs`, None
+            without it): WPO's weights read the policy's.
     """
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     backbone = getattr(causal_lm, causal_lm.base_model_prefix)
-    head = causal_lm.get_output_embeddings()
-    transform = LogitTransform.from_config(causal_lm.config)
-    device = head.weight.device
+    head = Head(causal_lm.get_output_embeddings(), LogitTransform.from_config(causal_lm.config), sum_sq_probs)
+    device = head.module.weight.device
     prompt_learning = _is_prompt_learning(model)
     setup = router_setup(causal_lm.config)
     if prompt_learning and setup is not None:
@@ -146,7 +172,7 @@ def score(
     packing_checked = False
     pairs = [sequence_pair(row, max_length, truncation_mode) for row in tokenized.rows]
     n = len(pairs)
-    out = {name: torch.zeros(n, dtype=torch.float32) for name in _SUMS}
+    out = {f"{side}_{name}": torch.zeros(n, dtype=torch.float32) for name in head.sum_names for side in ("chosen", "rejected")}
     counts = {name: torch.zeros(n, dtype=torch.int64) for name in _COUNTS}
     routes = router_totals(n, setup)
     was_training = model.training
@@ -157,12 +183,12 @@ def score(
                 batch = [tokenized.rows[i] for i in batch_rows]
                 shared = None
                 if packing is not None and _packable(batch, max_length):
-                    shared = _packed_sums(backbone, batch, head, transform, device, packing)
+                    shared = _packed_sums(backbone, batch, head, device, packing)
                     if not packing_checked:
-                        packing, shared = _checked_packing(shared, packing, backbone, batch, head, transform, device)
+                        packing, shared = _checked_packing(shared, packing, backbone, batch, head, device)
                         packing_checked = True
                 elif share_prompt:
-                    shared = _shared_prompt_sums(backbone, batch, head, transform, device, max_length, setup)
+                    shared = _shared_prompt_sums(backbone, batch, head, device, max_length, setup)
                 if shared is _NOT_SHAREABLE_MODEL:
                     share_prompt, packing, shared = False, None, None
                 if shared is not None:
@@ -181,11 +207,11 @@ def score(
                     layout = _halves(len(batch_rows))
                     scored = completion[:, 1:]
                     shared_lengths = _shared_lengths(scored.sum(dim=1), layout)
-                    sums = _completion_sums(hidden[:, :-1], ids[:, 1:], scored.bool(), shared_lengths, head, transform)
+                    sums = _completion_sums(hidden[:, :-1], ids[:, 1:], scored.bool(), shared_lengths, head)
                     sums |= routing
                 index = torch.tensor(batch_rows)
                 for side, part in zip(("chosen", "rejected"), layout):
-                    for name in _SUM_NAMES:
+                    for name in head.sum_names:
                         out[f"{side}_{name}"][index] = sums[name][part].cpu()
                     counts[f"{side}_tokens"][index] = completion[part].sum(dim=1).cpu()
                     counts[f"{side}_scored_tokens"][index] = scored[part].sum(dim=1).cpu()
@@ -201,7 +227,6 @@ def score(
 
 # The float per-sequence sums of `_completion_sums`, by their `SequenceScores` names without the side.
 _SUM_NAMES = ("logps", "logits_sum", "entropy_sum", "log_sum_sq_probs", "shared_logps")
-_SUMS = tuple(f"{side}_{name}" for name in _SUM_NAMES for side in ("chosen", "rejected"))
 _COUNTS = ("chosen_tokens", "rejected_tokens", "chosen_scored_tokens", "rejected_scored_tokens", "chosen_top1")
 # Where a batch's chosen and rejected sequences sit: interleaved on the shared-prompt path (row 0 chosen, row 0
 # rejected, row 1 chosen, ...), in two halves on the two-sequence path.
@@ -299,8 +324,7 @@ def _packable(rows: list[TokenizedRow], max_length: int | None) -> bool:
 def _packed_sums(
     backbone: torch.nn.Module,
     rows: list[TokenizedRow],
-    head: torch.nn.Module,
-    transform: LogitTransform,
+    head: Head,
     device: torch.device,
     implementation: str,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -318,7 +342,7 @@ def _packed_sums(
     predicting = hidden[owner, batch.predicting.to(hidden.device)]
     attention = batch.completion_attention
     shared_lengths = _shared_lengths(attention.sum(dim=1), _INTERLEAVED)
-    return _completion_sums(predicting, batch.completion_ids, attention.bool(), shared_lengths, head, transform), attention
+    return _completion_sums(predicting, batch.completion_ids, attention.bool(), shared_lengths, head), attention
 
 
 def _checked_packing(
@@ -326,8 +350,7 @@ def _checked_packing(
     implementation: str,
     backbone: torch.nn.Module,
     rows: list[TokenizedRow],
-    head: torch.nn.Module,
-    transform: LogitTransform,
+    head: Head,
     device: torch.device,
 ) -> tuple[str | None, Any]:
     """Check a model's first packed batch against the KV-cache path: `(implementation or None, sums to use)`.
@@ -337,7 +360,7 @@ def _checked_packing(
     Such a model keeps the KV-cache path, and this batch takes that path's sums.
     """
     checked = rows[-PACKING_CHECK_ROWS:]
-    shared = _shared_prompt_sums(backbone, checked, head, transform, device, None, None)
+    shared = _shared_prompt_sums(backbone, checked, head, device, None, None)
     if shared is _NOT_SHAREABLE_MODEL or shared is None:
         return None, shared
     sequences = slice(-2 * len(checked), None)  # interleaved chosen, rejected of each row
@@ -348,14 +371,13 @@ def _checked_packing(
     tolerance = _HALF_PRECISION_TOLERANCE if half else _PACKING_TOLERANCE[dtype]
     if difference <= tolerance:
         return implementation, packed
-    return None, _shared_prompt_sums(backbone, rows, head, transform, device, None, None)
+    return None, _shared_prompt_sums(backbone, rows, head, device, None, None)
 
 
 def _shared_prompt_sums(
     backbone: torch.nn.Module,
     rows: list[TokenizedRow],
-    head: torch.nn.Module,
-    transform: LogitTransform,
+    head: Head,
     device: torch.device,
     max_length: int | None,
     setup: RouterSetup | None,
@@ -402,7 +424,7 @@ def _shared_prompt_sums(
     )
     # Every completion token follows a prompt token, so each is scored.
     shared_lengths = _shared_lengths(completion_attention.sum(dim=1), _INTERLEAVED)
-    sums = _completion_sums(predicting, completion_ids, completion_attention.bool(), shared_lengths, head, transform)
+    sums = _completion_sums(predicting, completion_ids, completion_attention.bool(), shared_lengths, head)
     prompt_routing = _routing(prompt, prompt_attention, setup)
     completion_routing = _routing(continued, completion_attention, setup)
     # TRL's batch holds each prompt twice, before the chosen and before the rejected completion.
@@ -443,42 +465,43 @@ def _completion_sums(
     labels: torch.Tensor,
     mask: torch.Tensor,
     shared_lengths: torch.Tensor,
-    head: torch.nn.Module,
-    transform: LogitTransform,
+    head: Head,
 ) -> dict[str, torch.Tensor]:
     """Per-sequence sums over the scored tokens (`mask`), with the LM head applied in bounded chunks.
 
-    The float sums are keyed by their `_SUM_NAMES`; `shared_logps` sums the log-probs of each sequence's first
+    The float sums are keyed by `head.sum_names`; `shared_logps` sums the log-probs of each sequence's first
     `shared_lengths` scored tokens. `top1` counts the tokens that are the head's argmax, ties going to the lowest
     token id as in TRL's fused head.
     """
     sequences = hidden.shape[0]
-    hidden = hidden.to(head.weight.device)
+    hidden = hidden.to(head.module.weight.device)
     positions = mask.nonzero(as_tuple=True)
     token_hidden = hidden[positions]
     targets = labels[positions]
     owner = positions[0]
     # 1-based position of each scored token among its sequence's scored tokens, as TRL's `comp_pos`.
     in_shared = mask.cumsum(dim=1)[positions] <= shared_lengths[owner]
-    vocab = head.weight.shape[0]
+    vocab = head.module.weight.shape[0]
     # Two chunk x vocab fp32 tensors are alive at once (logits, their exponentials): at most LOGITS_BUDGET
     # elements, and at most 1/8 of the batch's full (batch x length x vocab) logits.
     chunk = max(1, min(LOGITS_BUDGET // (2 * vocab), hidden.shape[0] * hidden.shape[1] // 16))
-    sums = {name: torch.zeros(sequences, dtype=torch.float32, device=hidden.device) for name in _SUM_NAMES}
+    sums = {name: torch.zeros(sequences, dtype=torch.float32, device=hidden.device) for name in head.sum_names}
     top1 = torch.zeros(sequences, dtype=torch.int64, device=hidden.device)
     # Reused across chunks: on CPU a fresh vocab-sized tensor per chunk costs more in page faults than the math.
     rows = min(chunk, len(targets))
     exponentials_buffer = torch.empty(rows, vocab, dtype=torch.float32, device=hidden.device)
     # Under autocast the head must run through autocast as TRL's does (half-precision logits): no out= buffer.
     autocast = torch.is_autocast_enabled(hidden.device.type)
-    logits_buffer = torch.empty_like(exponentials_buffer) if _plain_fp32_head(head) and not autocast else None
+    logits_buffer = torch.empty_like(exponentials_buffer) if _plain_fp32_head(head.module) and not autocast else None
+    logit_sum_weights = head.logit_sum_weights if logits_buffer is not None else None
     for start in range(0, len(targets), chunk):
         part = slice(start, start + chunk)
-        logits = transform(_head_logits(head, token_hidden[part], logits_buffer))
+        logits = head.transform(_head_logits(head.module, token_hidden[part], logits_buffer))
         top = logits.amax(dim=-1)
         target_logits = logits.gather(-1, targets[part].unsqueeze(-1)).squeeze(-1)
         top1.index_add_(0, owner[part], _top1_hits(logits, targets[part], target_logits, top))
-        sums["logits_sum"].index_add_(0, owner[part], logits.sum(dim=-1) / vocab)
+        logits_sum = logits.sum(dim=-1) if logit_sum_weights is None else token_hidden[part] @ logit_sum_weights
+        sums["logits_sum"].index_add_(0, owner[part], logits_sum / vocab)
         # With s = logits - max and e = exp(s): log Z = max + log sum e, entropy = log sum e - sum(e * s) / sum e,
         # log sum p^2 = log sum e^2 - 2 log sum e.
         shifted = logits.sub_(top.unsqueeze(-1))
@@ -490,8 +513,9 @@ def _completion_sums(
         sums["logps"].index_add_(0, owner[part], token_logps)
         sums["shared_logps"].index_add_(0, owner[part], token_logps * in_shared[part])
         sums["entropy_sum"].index_add_(0, owner[part], log_total - expected_shifted)
-        log_sum_sq_probs = torch.log(_row_dots(exponentials, exponentials)) - 2 * log_total
-        sums["log_sum_sq_probs"].index_add_(0, owner[part], log_sum_sq_probs)
+        if head.sum_sq_probs:
+            log_sum_sq_probs = torch.log(_row_dots(exponentials, exponentials)) - 2 * log_total
+            sums["log_sum_sq_probs"].index_add_(0, owner[part], log_sum_sq_probs)
     return {**sums, "top1": top1}
 
 

@@ -126,14 +126,33 @@ def test_beta_and_loss_type_reuse_the_cached_scores_and_still_change_the_metrics
     ids=["ld-alpha", "js-divergence", "alpha-divergence", "use-weighting"],
 )
 def test_loss_variants_reuse_the_cached_scores_and_give_the_uncached_numbers(tmp_path: Path, variant: dict) -> None:
-    """The entry holds the sums LD-DPO and WPO are computed from, so these settings act in the metrics only."""
+    """The entry holds the sums LD-DPO is computed from, so these settings act in the metrics only; WPO's log
+    sum p^2 is computed only for a policy evaluated with `use_weighting`, so the first such run scores the
+    policy again (never the reference) and stores it for the next."""
     plain = run(FULL_RUN / "checkpoint-4", ScoreCache(tmp_path))
     cache = ScoreCache(tmp_path)
     cached = run(FULL_RUN / "checkpoint-4", cache, **variant)
-    assert (cache.stats.hits, cache.stats.misses) == (2, 0)
+    weighting = variant.get("use_weighting", False)
+    assert (cache.stats.hits, cache.stats.misses) == ((1, 1) if weighting else (2, 0))
     assert cached.metrics["loss"] != plain.metrics["loss"]
     uncached = run(FULL_RUN / "checkpoint-4", ScoreCache(None), **variant)
     assert cached.metrics == uncached.metrics
+    cache = ScoreCache(tmp_path)
+    again = run(FULL_RUN / "checkpoint-4", cache, **variant)
+    assert (cache.stats.hits, cache.stats.misses) == (2, 0)
+    assert again.metrics == uncached.metrics
+    assert run(FULL_RUN / "checkpoint-4", cache).metrics == plain.metrics  # the entry with log sum p^2 serves all
+
+
+def test_log_sum_sq_probs_are_scored_only_for_a_weighted_policy(tmp_path: Path) -> None:
+    from safetensors import safe_open
+
+    run(FULL_RUN / "checkpoint-4", ScoreCache(tmp_path), use_weighting=True)
+    stored = {}
+    for entry in tmp_path.glob("*.safetensors"):
+        with safe_open(str(entry), framework="pt") as handle:
+            stored[entry.name] = set(handle.keys())
+    assert sorted("chosen_log_sum_sq_probs" in names for names in stored.values()) == [False, True]
 
 
 def _rewrite_entries(directory: Path, drop: tuple[str, ...], format_version: str) -> None:
@@ -237,3 +256,12 @@ def test_tokenized_rows_are_cached_by_eval_set_tokenizer_and_truncation(tmp_path
     token_files[0].write_text("{broken")
     assert run(FULL_RUN / "checkpoint-4", ScoreCache(tmp_path)).metrics == first.metrics
 
+
+
+def test_an_entry_with_half_of_the_wpo_sums_is_rebuilt(tmp_path: Path) -> None:
+    reference = run(FULL_RUN / "checkpoint-4", ScoreCache(tmp_path), use_weighting=True)
+    _rewrite_entries(tmp_path, ("chosen_log_sum_sq_probs",), str(CACHE_FORMAT))
+    cache = ScoreCache(tmp_path)
+    rebuilt = run(FULL_RUN / "checkpoint-4", cache, use_weighting=True)
+    assert (cache.stats.hits, cache.stats.rebuilt, cache.stats.misses) == (1, 1, 1)
+    assert rebuilt.metrics == reference.metrics

@@ -95,10 +95,14 @@ def test_model_family_logit_scaling_matches_the_models_own_logits(family: str) -
     for index, row in enumerate(rows):
         ids = torch.tensor([row.prompt_ids + row.chosen_ids])
         with torch.no_grad():
-            log_probs = torch.log_softmax(model(ids).logits[0, :-1].float(), dim=-1)
+            logits = model(ids).logits[0, :-1].float()
+        log_probs = torch.log_softmax(logits, dim=-1)
         targets = ids[0, 1:]
         expected = log_probs[len(row.prompt_ids) - 1 :].gather(-1, targets[len(row.prompt_ids) - 1 :, None]).sum()
         assert abs(scores.chosen_logps[index].item() - expected.item()) < 1e-4
+        # The logit sums too (for scaled logits, one dot product with the head's weight-row sum per token).
+        expected_logits = logits[len(row.prompt_ids) - 1 :].mean(dim=-1).sum()
+        assert abs(scores.chosen_logits_sum[index].item() - expected_logits.item()) < 1e-5
 
 
 def test_tokenizer_without_eos_is_refused_with_the_fix(tmp_path: Path) -> None:

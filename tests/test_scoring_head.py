@@ -171,3 +171,13 @@ def test_row_dots_are_the_batched_matmul(rows: int, width: int, seed: int) -> No
     left, right = torch.randn(rows, width, generator=generator), torch.randn(rows, width, generator=generator)
     expected = torch.bmm(left.unsqueeze(1), right.unsqueeze(2)).view(-1)
     torch.testing.assert_close(scoring._row_dots(left, right), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_without_sum_sq_probs_every_other_sum_is_the_same() -> None:
+    model = tiny_model()
+    rows = random_rows(list(range(VOCAB)))
+    kwargs = {"batch_size": 4, "max_length": None, "truncation_mode": "keep_start"}
+    full, lean = score(model, rows, **kwargs), score(model, rows, sum_sq_probs=False, **kwargs)
+    assert lean.chosen_log_sum_sq_probs is None and lean.rejected_log_sum_sq_probs is None
+    for name in ("chosen_logps", "rejected_logps", "chosen_entropy_sum", "rejected_logits_sum", "chosen_top1"):
+        assert torch.equal(getattr(full, name), getattr(lean, name)), name
