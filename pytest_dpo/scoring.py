@@ -102,7 +102,7 @@ class Head:
             return None
         return self.module.weight.sum(dim=0) * self.transform.logit_scale
 
-    @property
+    @functools.cached_property
     def sum_names(self) -> tuple[str, ...]:
         """The float per-sequence sums it is reduced to: `_SUM_NAMES`, less log sum p^2 without `sum_sq_probs`."""
         return _SUM_NAMES if self.sum_sq_probs else tuple(name for name in _SUM_NAMES if name != "log_sum_sq_probs")

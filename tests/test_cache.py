@@ -257,7 +257,6 @@ def test_tokenized_rows_are_cached_by_eval_set_tokenizer_and_truncation(tmp_path
     assert run(FULL_RUN / "checkpoint-4", ScoreCache(tmp_path)).metrics == first.metrics
 
 
-
 def test_an_entry_with_half_of_the_wpo_sums_is_rebuilt(tmp_path: Path) -> None:
     reference = run(FULL_RUN / "checkpoint-4", ScoreCache(tmp_path), use_weighting=True)
     _rewrite_entries(tmp_path, ("chosen_log_sum_sq_probs",), str(CACHE_FORMAT))
